@@ -1,0 +1,138 @@
+"""The domain contract (DESIGN.md §4) and ``check_domain``, its conformance checker."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from flowcoach.core.registry import DOMAINS, FlowcoachError
+
+# Built-in domains load lazily: importing flowcoach.core never imports a domain's libraries.
+DOMAINS.register("toy", "flowcoach.domains.toy:ToyDomain")
+
+
+class Domain(ABC):
+    """What the core needs from a science: data, a model, decoding, rewards and an evaluator.
+
+    ``kind`` is "generate" (one denoising trajectory per sample) or "interact" (a gymnasium env).
+    Conditions are a batch: a tensor [B, ...] (or a dict of tensors) whose rows the trainer repeats
+    G times to form groups.
+    """
+
+    name: str = ""
+    kind: str = "generate"
+
+    @property
+    @abstractmethod
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample x0 (without the batch dimension)."""
+
+    @abstractmethod
+    def train_conditions(self, n: int, generator: torch.Generator) -> Any:
+        """n conditions to train on (a group is G samples of one condition)."""
+
+    @abstractmethod
+    def eval_conditions(self, n: int) -> Any:
+        """n held-out conditions, the same every call."""
+
+    @abstractmethod
+    def data(self, split: str) -> tuple[torch.Tensor, Any]:
+        """(x0 [N, *sample_shape], conditions [N, ...]) for "train" or "heldout": pretraining and anchoring."""
+
+    @abstractmethod
+    def model_config(self) -> dict:
+        """Keyword arguments of ``build_model`` for the base model."""
+
+    @abstractmethod
+    def build_model(self, **config) -> nn.Module:
+        """A velocity model ``forward(x_t, t, cond) -> v``."""
+
+    def base_checkpoint(self) -> Path | None:
+        """Folder of the shipped base model (made by ``flowcoach pretrain``), or None."""
+        return None
+
+    @abstractmethod
+    def decode(self, x: torch.Tensor) -> list:
+        """Samples [B, ...] -> the domain's objects (molecules, structures, frames, waveforms, ...)."""
+
+    @abstractmethod
+    def save(self, objects: list, rewards: torch.Tensor | None, directory: Path) -> list[Path]:
+        """Write objects in native formats (with their rewards) under directory; return the files."""
+
+    @abstractmethod
+    def default_rewards(self) -> dict[str, float]:
+        """Reward names (in flowcoach's reward registry) and their weights."""
+
+    @abstractmethod
+    def evaluate(self, objects: list, conditions: Any) -> dict[str, float]:
+        """Held-out metrics that are not the training reward, so reward hacking shows."""
+
+
+def get_domain(name: str) -> Domain:
+    cls = DOMAINS.get(name)
+    domain = cls() if isinstance(cls, type) else cls
+    if not isinstance(domain, Domain):
+        raise FlowcoachError(f"'{name}' is not a flowcoach Domain (got {type(domain).__name__})")
+    return domain
+
+
+def check_domain(domain: Domain, batch: int = 4) -> list[str]:
+    """Run the contract end to end on a few random samples; raise FlowcoachError on the first breach.
+
+    Returns the list of checks that passed, for the CLI to print.
+    """
+    from flowcoach.core.checkpoint import load_base
+    from flowcoach.rewards import build_reward
+
+    passed = []
+
+    def ok(cond: bool, what: str) -> None:
+        if not cond:
+            raise FlowcoachError(f"domain '{domain.name}' fails check: {what}")
+        passed.append(what)
+
+    ok(bool(domain.name) and domain.name == domain.name.lower(), "has a lower-case name")
+    ok(domain.kind in ("generate", "interact"), "kind is 'generate' or 'interact'")
+    g = torch.Generator().manual_seed(0)
+    cond = domain.train_conditions(batch, g)
+    x0, data_cond = domain.data("train")
+    ok(tuple(x0.shape[1:]) == tuple(domain.sample_shape), "data has sample_shape")
+    ok(bool(torch.isfinite(x0).all()), "data is finite")
+    model = domain.build_model(**domain.model_config())
+    x = torch.randn(batch, *domain.sample_shape, generator=g)
+    v = model(x, torch.full((batch,), 0.5), cond)
+    ok(tuple(v.shape) == tuple(x.shape), "model output has the input's shape")
+    objects = domain.decode(x)
+    ok(len(objects) == batch, "decode returns one object per sample")
+    reward = build_reward(domain.default_rewards())
+    scores, _ = reward(objects, cond)
+    ok(tuple(scores.shape) == (batch,), "reward returns one score per sample")
+    ok(bool(torch.isfinite(scores).all()), "reward is finite on random samples")
+    metrics = domain.evaluate(objects, cond)
+    ok(isinstance(metrics, dict) and all(isinstance(v, float) for v in metrics.values()),
+       "evaluate returns a dict of floats")
+    with tempfile.TemporaryDirectory() as tmp:
+        files = domain.save(objects, scores, Path(tmp))
+        ok(len(files) > 0 and all(Path(f).exists() for f in files), "save writes files")
+    eval_cond = domain.eval_conditions(batch)
+    eval_again = domain.eval_conditions(batch)
+    ok(json.dumps(_tolist(eval_cond)) == json.dumps(_tolist(eval_again)), "eval conditions are fixed")
+    base = domain.base_checkpoint()
+    if base is not None:
+        model, _ = load_base(domain, base)
+        ok(tuple(model(x, torch.full((batch,), 0.5), cond).shape) == tuple(x.shape), "base checkpoint loads")
+    return passed
+
+
+def _tolist(cond: Any) -> Any:
+    if isinstance(cond, dict):
+        return {k: _tolist(v) for k, v in cond.items()}
+    if isinstance(cond, torch.Tensor):
+        return cond.tolist()
+    return cond
