@@ -1,0 +1,222 @@
+"""The `flowcoach` console script: domains | pretrain | train | eval | sample | check-domain.
+
+Each subcommand is a dataclass parsed by tyro (field docstrings are the help). The domain is the
+first positional argument. `train --algo NAME` starts from that algorithm's recipe; every other
+flag you give overrides it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from flowcoach.core.registry import FlowcoachError
+
+USAGE = """usage: flowcoach COMMAND [DOMAIN] [OPTIONS]
+
+commands:
+  domains        list domains, algorithms, rewards and noise laws
+  pretrain       flow-matching pretraining of a domain's base model
+  train          RL fine-tuning (e.g. flowcoach train toy --algo flow-grpo --steps 60)
+  eval           held-out evaluation of a base model or checkpoint
+  sample         write samples of a model in the domain's native formats
+  check-domain   run the domain contract checks
+
+`flowcoach COMMAND --help` lists a command's options."""
+
+
+@dataclass
+class EvalArgs:
+    domain: str = "toy"
+    checkpoint: str = "base"
+    """Run folder, checkpoint folder, or 'base'."""
+    base: str | None = None
+    """Base model folder (default: the run's, else the domain's shipped base)."""
+    num_samples: int = 1000
+    num_steps: int = 40
+    """Deterministic ODE steps."""
+    shift: float = 1.0
+    seed: int = 12345
+    output: str | None = None
+    """Folder for metrics.json, report.md and samples (default: <run>/eval, or runs/<domain>__eval/base)."""
+
+
+@dataclass
+class SampleArgs:
+    domain: str = "toy"
+    checkpoint: str = "base"
+    """Run folder, checkpoint folder, or 'base'."""
+    base: str | None = None
+    num_samples: int = 64
+    num_steps: int = 40
+    shift: float = 1.0
+    seed: int = 0
+    output: str = "samples"
+    """Folder to write the samples to."""
+
+
+@dataclass
+class CheckArgs:
+    domain: str = "all"
+    """A domain name, or 'all' for every registered domain."""
+
+
+def _split_domain(argv: list[str]) -> tuple[str | None, list[str]]:
+    if argv and not argv[0].startswith("-"):
+        return argv[0], argv[1:]
+    return None, argv
+
+
+def _algo_from_argv(argv: list[str]) -> str:
+    for k, arg in enumerate(argv):
+        if arg == "--algo" and k + 1 < len(argv):
+            return argv[k + 1]
+        if arg.startswith("--algo="):
+            return arg.split("=", 1)[1]
+    return "flow-grpo"
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False)
+
+
+def cmd_domains(argv: list[str]) -> None:
+    from flowcoach.core import algorithms  # noqa: F401 - registers the recipes
+    from flowcoach.core.registry import ADVANTAGES, ALGORITHMS, DOMAINS, NOISE_LAWS, REWARDS
+    import flowcoach.core.advantages  # noqa: F401
+    import flowcoach.rewards  # noqa: F401
+
+    print("domains:    " + ", ".join(DOMAINS.names()))
+    print("algorithms:")
+    for name in ALGORITHMS.names():
+        print(f"  {name:14s} {algorithms.describe(name)}")
+    print("rewards:    " + ", ".join(REWARDS.names()))
+    print("noise laws: " + ", ".join(NOISE_LAWS.names()))
+    print("advantages: " + ", ".join(ADVANTAGES.names()))
+
+
+def cmd_train(argv: list[str]) -> None:
+    import tyro
+
+    from flowcoach.core.algorithms import algorithm_defaults
+    from flowcoach.core.trainer import train
+
+    domain, rest = _split_domain(argv)
+    defaults = algorithm_defaults(_algo_from_argv(rest))
+    if domain is not None:
+        defaults.domain = domain
+    cfg = tyro.cli(type(defaults), default=defaults, args=rest, prog="flowcoach train DOMAIN")
+    run_dir = train(cfg, console=_console())
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    print(f"done: {run_dir}")
+    print("eval: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "step"))
+
+
+def cmd_pretrain(argv: list[str]) -> None:
+    import tyro
+
+    from flowcoach.core.pretrain import PretrainConfig, pretrain
+
+    domain, rest = _split_domain(argv)
+    defaults = PretrainConfig(domain=domain or "toy")
+    cfg = tyro.cli(PretrainConfig, default=defaults, args=rest, prog="flowcoach pretrain DOMAIN")
+    pretrain(cfg, console=_console())
+
+
+def _eval_output(args, domain_name: str) -> Path:
+    if args.output:
+        return Path(args.output)
+    if args.checkpoint != "base":
+        path = Path(args.checkpoint)
+        run = path.parent.parent if (path / "state.json").exists() else path
+        return run / "eval"
+    return Path("runs") / f"{domain_name}__eval" / "base"
+
+
+def cmd_eval(argv: list[str]) -> None:
+    import tyro
+
+    from flowcoach.core.checkpoint import load_trained
+    from flowcoach.core.domain import get_domain
+    from flowcoach.core.trainer import evaluate_model
+
+    domain_name, rest = _split_domain(argv)
+    args = tyro.cli(EvalArgs, default=EvalArgs(domain=domain_name or "toy"), args=rest, prog="flowcoach eval DOMAIN")
+    domain = get_domain(args.domain)
+    model = load_trained(domain, args.checkpoint, args.base)
+    metrics, objects, scores = evaluate_model(model, domain, args.num_samples, args.num_steps, args.shift, seed=args.seed)
+    out = _eval_output(args, domain.name)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    domain.save(objects, scores, out / "samples")
+    lines = [f"# {domain.name} evaluation", "", f"checkpoint: `{args.checkpoint}`, {args.num_samples} samples, "
+             f"{args.num_steps} ODE steps, seed {args.seed}", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[4:]))
+    print(f"written to {out}")
+
+
+def cmd_sample(argv: list[str]) -> None:
+    import tyro
+
+    from flowcoach.core.checkpoint import load_trained
+    from flowcoach.core.domain import get_domain
+    from flowcoach.core.trainer import generate
+    from flowcoach.rewards import build_reward
+
+    domain_name, rest = _split_domain(argv)
+    args = tyro.cli(SampleArgs, default=SampleArgs(domain=domain_name or "toy"), args=rest, prog="flowcoach sample DOMAIN")
+    domain = get_domain(args.domain)
+    model = load_trained(domain, args.checkpoint, args.base)
+    cond = domain.eval_conditions(args.num_samples)
+    objects = domain.decode(generate(model, domain, cond, args.num_steps, args.shift, args.seed).cpu())
+    scores, _ = build_reward(domain.default_rewards())(objects, cond)
+    files = domain.save(objects, scores, Path(args.output))
+    print(f"{len(objects)} samples, mean reward {float(scores.mean()):.4f}; wrote " + ", ".join(str(f) for f in files))
+
+
+def cmd_check(argv: list[str]) -> None:
+    import tyro
+
+    from flowcoach.core.domain import check_domain, get_domain
+    from flowcoach.core.registry import DOMAINS
+
+    domain_name, rest = _split_domain(argv)
+    args = tyro.cli(CheckArgs, default=CheckArgs(domain=domain_name or "all"), args=rest, prog="flowcoach check-domain")
+    names = DOMAINS.names() if args.domain == "all" else [args.domain]
+    for name in names:
+        passed = check_domain(get_domain(name))
+        print(f"{name}: {len(passed)} checks passed ({'; '.join(passed)})")
+
+
+COMMANDS = {"domains": cmd_domains, "pretrain": cmd_pretrain, "train": cmd_train, "eval": cmd_eval,
+            "sample": cmd_sample, "check-domain": cmd_check}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command '{command}'; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        COMMANDS[command](rest)
+    except FlowcoachError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; checkpoints written so far are kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

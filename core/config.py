@@ -1,0 +1,153 @@
+"""Configs as plain dataclasses: the CLI (tyro) turns field docstrings into help text."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+import yaml
+
+from flowcoach.core.registry import FlowcoachError
+
+
+@dataclass
+class SamplerConfig:
+    law: str = "flow-sde"
+    """Noise law of the stochastic steps: flow-sde (Flow-GRPO), const-eta (DanceGRPO), cps, or ode."""
+    noise_level: float = 0.7
+    """a of flow-sde / cps, eta of const-eta. 0 gives the deterministic ODE sampler exactly."""
+    num_steps: int = 10
+    """Denoising steps of training rollouts (Denoising Reduction: fewer than at evaluation)."""
+    eval_num_steps: int = 40
+    """Denoising steps of evaluation and `flowcoach sample` (deterministic ODE)."""
+    shift: float = 1.0
+    """Time-grid shift of diffusers' FlowMatchEulerDiscreteScheduler (SD3 uses 3)."""
+    ode_solver: Literal["euler", "heun"] = "euler"
+    """Solver of the deterministic steps."""
+    sde_window_size: int = 0
+    """0: every step stochastic. k > 0: one random window of k SDE steps, ODE elsewhere (Flow-GRPO-Fast)."""
+    sde_window_range: tuple[int, int] | None = None
+    """[lo, hi) of step indices where the SDE window may start; default: anywhere it fits."""
+    deterministic_last_step: bool = True
+    """Take the last step as ODE and do not train it (clean samples; Flow-GRPO skips it too)."""
+    same_noise_in_group: bool = False
+    """Share the initial noise within a group (DanceGRPO's init_same_noise)."""
+    logprob_reduction: Literal["mean", "sum"] = "mean"
+    """Reduce a step's Gaussian log-prob over dimensions by mean (the anchors') or sum (exact)."""
+
+
+@dataclass
+class LossConfig:
+    advantage: str = "group"
+    """Advantage estimator: group (one composite reward) or per-reward (normalise each, then weight)."""
+    std_scope: Literal["group", "global"] = "global"
+    """Divide by the group's reward std or the whole batch's (Flow-GRPO's default is global)."""
+    adv_clip: float = 5.0
+    """Clip advantages to +-adv_clip (0: no clip)."""
+    clip_low: float | None = None
+    """Lower clip of the ratio, 1 - clip_low. Default: 1e-4 for mean reduction, 0.2 for sum."""
+    clip_high: float | None = None
+    """Upper clip, 1 + clip_high. Default: equal to clip_low (symmetric)."""
+    kl_beta: float = 0.0
+    """Weight of the KL to the reference (base) policy. 0 skips the reference forward pass."""
+    kl_with_dt: bool = False
+    """True: exact per-step KL (1/|dt| factor). False: flow_grpo's version without it (beta ~10x)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """AdamW learning rate."""
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm of each optimizer step (0: off)."""
+    ema_decay: float = 0.0
+    """EMA of the trained weights (diffusers' EMAModel); evaluation uses it. 0: off."""
+
+
+@dataclass
+class TrainConfig:
+    domain: str = "toy"
+    """Domain name (see `flowcoach domains`) or module:attr of a Domain."""
+    algo: str = "flow-grpo"
+    """Algorithm recipe (see `flowcoach domains`); its defaults fill every field you do not set."""
+    steps: int = 100
+    """RL steps: one step = one rollout of groups, rewards, advantages, then the inner updates."""
+    seed: int = 0
+    output_dir: str = "runs"
+    """Runs are written to <output_dir>/<domain>__<algo>__<seed>__<time>/."""
+    resume: str | None = None
+    """'latest' (newest run of this domain/algo/seed under output_dir), or a run or checkpoint folder."""
+    base: str | None = None
+    """Base model folder (default: the domain's shipped base)."""
+    groups_per_step: int = 16
+    """Conditions per step (all processes together); each gets group_size samples."""
+    group_size: int = 8
+    """G: samples per condition; the group is the baseline of its advantages."""
+    inner_epochs: int = 1
+    """Passes over each rollout."""
+    optimizer_steps_per_epoch: int = 1
+    """Optimizer steps per pass; the (sample, trained step) pairs are split evenly among them."""
+    micro_batch: int = 256
+    """Pairs per forward/backward on one process; gradient accumulation is derived from it."""
+    rewards: tuple[str, ...] = ()
+    """Rewards as NAME=WEIGHT (default: the domain's)."""
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    sample_every: int = 50
+    """Write decoded samples (native formats) every this many steps (0: never)."""
+    eval_every: int = 0
+    """Run the held-out evaluator every this many steps (0: only at the end)."""
+    eval_samples: int = 256
+    tensorboard: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def resolved_clip(self) -> tuple[float, float]:
+        from flowcoach.core.losses import default_clip
+
+        low = self.loss.clip_low if self.loss.clip_low is not None else default_clip(self.sampler.logprob_reduction)
+        high = self.loss.clip_high if self.loss.clip_high is not None else low
+        return low, high
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, data: dict):
+    """Rebuild a (nested) config dataclass from a dict, as written to config.yaml."""
+    kwargs = {}
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in hints:
+            raise FlowcoachError(f"unknown config field '{key}' for {cls.__name__}")
+        default = hints[key].default_factory() if hints[key].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            value = from_dict(type(default), value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def save_yaml(cfg, path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(_plain(to_dict(cfg)), f, sort_keys=False)
+
+
+def load_yaml(cls, path):
+    with open(path) as f:
+        return from_dict(cls, yaml.safe_load(f))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value

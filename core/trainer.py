@@ -1,0 +1,452 @@
+"""The trainer: one linear loop, run under accelerate.
+
+step: rollout (groups of G per condition) -> rewards -> advantages -> inner epochs over
+minibatches of (sample, trained step) pairs -> optimizer steps -> EMA -> log -> checkpoint.
+
+Randomness of step k comes from a generator seeded by (seed, k, process), so a resumed run draws
+exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from flowcoach.core.checkpoint import list_checkpoints, load_base, load_checkpoint, save_checkpoint
+from flowcoach.core.config import TrainConfig, load_yaml, save_yaml
+from flowcoach.core.domain import Domain, get_domain
+from flowcoach.core.losses import clipped_ratio_loss, kl_to_reference
+from flowcoach.core.policy import FlowPolicy, unwrap
+from flowcoach.core.registry import ADVANTAGES, ALGORITHMS, NOISE_LAWS, FlowcoachError, normalize_name
+from flowcoach.core.sampling.laws import gaussian_log_prob, law_mean_std
+from flowcoach.core.sampling.rollout import Rollout, index_cond
+from flowcoach.core.sampling.sampler import initial_noise, sample, time_grid, window_mask
+
+
+# ----------------------------------------------------------------------------- batch arithmetic
+@dataclass
+class BatchPlan:
+    world_size: int
+    groups_per_process: int
+    samples_per_process: int
+    trained_steps_per_sample: int
+    pairs_per_process: int
+    pairs_per_optimizer_step: int
+    grad_accumulation: int
+    optimizer_steps_per_rl_step: int
+
+    def table(self, cfg: TrainConfig) -> str:
+        return "\n".join([
+            "batch arithmetic:",
+            f"  {cfg.groups_per_step} groups/step x G={cfg.group_size} = {cfg.groups_per_step * cfg.group_size} samples/step"
+            f" over {self.world_size} process(es) -> {self.samples_per_process} samples/process",
+            f"  {self.trained_steps_per_sample} trained denoising steps/sample -> {self.pairs_per_process} (sample, step) pairs/process",
+            f"  {cfg.inner_epochs} inner epoch(s) x {cfg.optimizer_steps_per_epoch} optimizer step(s)/epoch"
+            f" = {self.optimizer_steps_per_rl_step} optimizer steps per RL step",
+            f"  {self.pairs_per_optimizer_step} pairs/optimizer step/process in micro-batches of {cfg.micro_batch}"
+            f" -> gradient accumulation {self.grad_accumulation}",
+        ])
+
+
+def trained_steps_per_sample(cfg: TrainConfig) -> int:
+    if cfg.sampler.law == "ode" or cfg.sampler.noise_level == 0:
+        return 0
+    if cfg.sampler.sde_window_size > 0:
+        return cfg.sampler.sde_window_size
+    return cfg.sampler.num_steps - (1 if cfg.sampler.deterministic_last_step else 0)
+
+
+def plan_batches(cfg: TrainConfig, world_size: int) -> BatchPlan:
+    """Derive per-process sizes from the global recipe; one-line errors when it does not fit."""
+    if cfg.group_size < 2:
+        raise FlowcoachError(f"group_size must be >= 2 (a group is its own baseline), got {cfg.group_size}")
+    if cfg.groups_per_step < 1:
+        raise FlowcoachError(f"groups_per_step must be >= 1, got {cfg.groups_per_step}")
+    if cfg.groups_per_step % world_size:
+        raise FlowcoachError(
+            f"groups_per_step={cfg.groups_per_step} does not split over {world_size} processes; use a multiple of {world_size}"
+        )
+    for name in ("inner_epochs", "optimizer_steps_per_epoch", "micro_batch", "steps"):
+        if getattr(cfg, name) < 1:
+            raise FlowcoachError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.sampler.noise_level < 0:
+        raise FlowcoachError(f"sampler.noise_level must be >= 0, got {cfg.sampler.noise_level}")
+    trained = trained_steps_per_sample(cfg)
+    if trained < 1:
+        raise FlowcoachError("no stochastic step to train: set sampler.noise_level > 0 and a law other than 'ode'")
+    groups = cfg.groups_per_step // world_size
+    samples = groups * cfg.group_size
+    pairs = samples * trained
+    if cfg.optimizer_steps_per_epoch > pairs:
+        raise FlowcoachError(
+            f"optimizer_steps_per_epoch={cfg.optimizer_steps_per_epoch} exceeds the {pairs} (sample, step) pairs per process"
+        )
+    per_opt = math.ceil(pairs / cfg.optimizer_steps_per_epoch)
+    return BatchPlan(world_size, groups, samples, trained, pairs, per_opt, math.ceil(per_opt / cfg.micro_batch),
+                     cfg.inner_epochs * cfg.optimizer_steps_per_epoch)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check names before any work starts, listing the valid choices."""
+    ALGORITHMS.get(cfg.algo)
+    NOISE_LAWS.get(cfg.sampler.law)
+    ADVANTAGES.get(cfg.loss.advantage)
+    if cfg.sampler.num_steps < 1 or cfg.sampler.eval_num_steps < 1:
+        raise FlowcoachError("sampler.num_steps and sampler.eval_num_steps must be >= 1")
+
+
+def step_generator(seed: int, step: int, process: int = 0, stream: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + process) * 7 + stream)
+
+
+# ----------------------------------------------------------------------------- rollout + update
+def repeat_cond(cond, times: int):
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: repeat_cond(v, times) for k, v in cond.items()}
+    return cond.repeat_interleave(times, dim=0)
+
+
+def collect_rollout(policy: FlowPolicy, domain: Domain, cfg: TrainConfig, groups: int, g: torch.Generator,
+                    device, group_offset: int = 0) -> Rollout:
+    s = cfg.sampler
+    cond = repeat_cond(domain.train_conditions(groups, g), cfg.group_size)
+    batch = groups * cfg.group_size
+    group_ids = torch.arange(groups).repeat_interleave(cfg.group_size) + group_offset
+    x1 = initial_noise((batch, *domain.sample_shape), group_ids, s.same_noise_in_group, g).to(device)
+    mask = window_mask(batch, s.num_steps, s.sde_window_size, s.sde_window_range, s.deterministic_last_step, g)
+    model = unwrap(policy.model)
+    return sample(model, x1, time_grid(s.num_steps, s.shift), cond=_to(cond, device), law=s.law,
+                  noise_level=s.noise_level, stochastic=mask, group_ids=group_ids, generator=g,
+                  reduction=s.logprob_reduction, ode_solver=s.ode_solver)
+
+
+def _to(cond, device):
+    from flowcoach.core.sampling.rollout import cond_to
+
+    return cond_to(cond, device)
+
+
+def pair_losses(policy: FlowPolicy, rollout: Rollout, pairs: torch.Tensor, advantages: torch.Tensor,
+                cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
+    """Per-pair loss [N] (policy + beta KL) for (sample, step) pairs, with diagnostics."""
+    i, j = pairs[:, 0], pairs[:, 1]
+    x, x_next = rollout.states[i, j], rollout.states[i, j + 1]
+    t, t_next = rollout.timesteps[j], rollout.timesteps[j + 1]
+    cond = index_cond(rollout.cond, i)
+    v = policy.velocity(x, t, cond).float()
+    mean, std = law_mean_std(rollout.law, x, v, t, t_next, rollout.noise_level)
+    log_prob = gaussian_log_prob(x_next, mean, std, rollout.reduction)
+    clip_low, clip_high = cfg.resolved_clip()
+    loss, info = clipped_ratio_loss(log_prob, rollout.log_probs[i, j], advantages[i].to(log_prob.device), clip_low, clip_high)
+    if cfg.loss.kl_beta > 0:
+        ref_mean, _ = law_mean_std(rollout.law, x, policy.reference_velocity(x, t, cond).float(), t, t_next,
+                                   rollout.noise_level)
+        kl = kl_to_reference(mean, ref_mean, std, t_next - t, rollout.reduction, cfg.loss.kl_with_dt)
+        loss = loss + cfg.loss.kl_beta * kl
+        info["kl"] = kl.detach()
+    return loss, info
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def generate(model, domain: Domain, cond, num_steps: int, shift: float = 1.0, seed: int = 0,
+             solver: str = "euler", device="cpu") -> torch.Tensor:
+    """Deterministic ODE samples for the given conditions (the evaluation sampler)."""
+    n = cond.shape[0] if isinstance(cond, torch.Tensor) else len(next(iter(cond.values())))
+    g = torch.Generator().manual_seed(seed)
+    x1 = torch.randn((n, *domain.sample_shape), generator=g).to(device)
+    rollout = sample(unwrap(model), x1, time_grid(num_steps, shift), cond=_to(cond, device), law="ode",
+                     noise_level=0.0, ode_solver=solver)
+    return rollout.samples
+
+
+def evaluate_model(model, domain: Domain, num_samples: int, num_steps: int, shift: float = 1.0,
+                   rewards: dict | None = None, seed: int = 12345, device="cpu") -> tuple[dict, list, torch.Tensor]:
+    """Held-out evaluator metrics plus the training reward on eval conditions, with ODE samples."""
+    from flowcoach.rewards import build_reward
+
+    cond = domain.eval_conditions(num_samples)
+    x = generate(model, domain, cond, num_steps, shift, seed, device=device)
+    objects = domain.decode(x.cpu())
+    metrics = {k: float(v) for k, v in domain.evaluate(objects, cond).items()}
+    scores, _ = build_reward(rewards or domain.default_rewards())(objects, cond)
+    metrics["reward_mean"] = float(scores[torch.isfinite(scores)].mean()) if torch.isfinite(scores).any() else float("nan")
+    return metrics, objects, scores
+
+
+# ----------------------------------------------------------------------------- run directory
+def run_root_name(cfg: TrainConfig, domain_name: str) -> str:
+    return f"{domain_name}__{normalize_name(cfg.algo)}__{cfg.seed}"
+
+
+def find_resume_dir(cfg: TrainConfig, domain_name: str) -> Path:
+    if cfg.resume == "latest":
+        candidates = sorted(p for p in Path(cfg.output_dir).glob(run_root_name(cfg, domain_name) + "__*")
+                            if list_checkpoints(p))
+        if not candidates:
+            raise FlowcoachError(
+                f"--resume latest: no run of {run_root_name(cfg, domain_name)} with a checkpoint under '{cfg.output_dir}'"
+            )
+        return candidates[-1]
+    path = Path(cfg.resume)
+    if (path / "state.json").exists():  # a checkpoint folder
+        return path.parent.parent
+    if not (path / "config.yaml").exists():
+        raise FlowcoachError(f"--resume '{cfg.resume}' is neither 'latest', a run folder nor a checkpoint folder")
+    return path
+
+
+class MetricsLog:
+    """metrics.jsonl (one object per step) and TensorBoard, on the main process."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int = 0):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        if resume_step and self.path.exists():  # drop steps that the resumed run will redo
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] < resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.writer is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ----------------------------------------------------------------------------- the loop
+def train(cfg: TrainConfig, domain: Domain | None = None, console=None) -> Path:
+    """Run RL on a domain; returns the run folder."""
+    from accelerate import Accelerator
+
+    from flowcoach.rewards import build_reward, parse_reward_spec
+
+    domain = domain or get_domain(cfg.domain)
+    validate(cfg)
+    resume_dir = find_resume_dir(cfg, domain.name) if cfg.resume else None
+    if resume_dir is not None:  # the run's own config wins, except for how long to run
+        steps, resume = cfg.steps, cfg.resume
+        cfg = load_yaml(TrainConfig, resume_dir / "config.yaml")
+        cfg.steps, cfg.resume = steps, resume
+
+    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    plan = plan_batches(cfg, accelerator.num_processes)
+    reward_spec = parse_reward_spec(cfg.rewards) if cfg.rewards else domain.default_rewards()
+    reward_fn = build_reward(reward_spec)
+    say = (console.print if console is not None else print) if accelerator.is_main_process else (lambda *a, **k: None)
+
+    model, base_record = load_base(domain, cfg.base)
+    policy = FlowPolicy(model, need_reference=cfg.loss.kl_beta > 0, ema_decay=cfg.optim.ema_decay)
+    params = policy.trainable_parameters()
+    if not params:
+        raise FlowcoachError("the model has no trainable parameter")
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+    policy.model, optimizer = accelerator.prepare(model, optimizer)
+    if policy.ref_model is not None:
+        policy.ref_model.to(accelerator.device)
+
+    start = 0
+    if resume_dir is not None:
+        run_dir = resume_dir
+        checkpoints = list_checkpoints(run_dir)
+        if not checkpoints:
+            raise FlowcoachError(f"run '{run_dir}' has no complete checkpoint to resume from")
+        ckpt = Path(cfg.resume) if (Path(cfg.resume) / "state.json").exists() else checkpoints[-1]
+        start = load_checkpoint(ckpt, unwrap(policy.model), optimizer, policy.ema)["step"]
+        say(f"resuming {run_dir} from {ckpt.name} (step {start})")
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(cfg.output_dir) / f"{run_root_name(cfg, domain.name)}__{stamp}"
+        if accelerator.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=False)
+            save_yaml(cfg, run_dir / "config.yaml")
+    say(plan.table(cfg))
+    say(f"run folder: {run_dir}")
+    log = MetricsLog(run_dir, accelerator.is_main_process, cfg.tensorboard, start)
+    rank = accelerator.process_index
+
+    progress = _progress(console, accelerator.is_main_process)
+    task = progress.add_task(f"{domain.name} {cfg.algo}", total=cfg.steps, completed=start) if progress else None
+    if progress:
+        progress.start()
+    try:
+        for step in range(start, cfg.steps):
+            metrics = rl_step(policy, optimizer, accelerator, domain, cfg, plan, reward_fn, step, rank, run_dir)
+            last = step + 1 == cfg.steps
+            if cfg.eval_every and ((step + 1) % cfg.eval_every == 0) and not last:
+                metrics.update(_evaluate(policy, domain, cfg, reward_spec, accelerator, run_dir, step + 1, save=False))
+            if last:
+                metrics.update(_evaluate(policy, domain, cfg, reward_spec, accelerator, run_dir, step + 1, save=True))
+            log.log(step + 1, metrics)
+            if accelerator.is_main_process and (last or (step + 1) % cfg.checkpoint_every == 0):
+                save_checkpoint(run_dir, step + 1, unwrap(policy.model), optimizer, policy.ema,
+                                {"seed": cfg.seed, "domain": domain.name, "algo": cfg.algo}, cfg.keep_checkpoints)
+            accelerator.wait_for_everyone()
+            if progress:
+                progress.update(task, advance=1, description=f"{domain.name} {cfg.algo} reward {metrics['reward/mean']:.3f}")
+    finally:
+        if progress:
+            progress.stop()
+        log.close()
+    return run_dir
+
+
+def _progress(console, main: bool):
+    if not main:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+def rl_step(policy, optimizer, accelerator, domain, cfg: TrainConfig, plan: BatchPlan, reward_fn, step: int,
+            rank: int, run_dir: Path) -> dict:
+    """One RL step; returns its metrics."""
+    g = step_generator(cfg.seed, step, rank)
+    device = accelerator.device
+    t0 = time.perf_counter()
+    rollout = collect_rollout(policy, domain, cfg, plan.groups_per_process, g, device,
+                              group_offset=rank * plan.groups_per_process)
+    t1 = time.perf_counter()
+    cond_cpu = _to(rollout.cond, "cpu")
+    objects = domain.decode(rollout.samples.cpu())
+    rewards, reward_info = reward_fn(objects, cond_cpu)
+    components = reward_info.pop("components")
+    t2 = time.perf_counter()
+
+    all_rewards = accelerator.gather(rewards.to(device)).cpu()
+    all_groups = accelerator.gather(rollout.group_ids).cpu()
+    all_components = accelerator.gather(components.to(device)).cpu()
+    metrics = {"reward/mean": float(all_rewards[torch.isfinite(all_rewards)].mean()) if torch.isfinite(all_rewards).any() else float("nan"),
+               "reward/std": float(all_rewards[torch.isfinite(all_rewards)].std()) if torch.isfinite(all_rewards).sum() > 1 else 0.0}
+    for k, name in enumerate(reward_fn.names):
+        metrics[f"reward/{name}"] = float(all_components[:, k].nanmean())
+    for k, v in reward_info.items():
+        if isinstance(v, (int, float)):
+            metrics[f"reward/{k}"] = float(v)
+
+    if cfg.sample_every and accelerator.is_main_process and (step + 1) % cfg.sample_every == 0:
+        domain.save(objects, rewards, run_dir / "samples" / f"step-{step + 1}")
+
+    bad = ~torch.isfinite(all_rewards)
+    if bad.any():
+        bad_idx = torch.nonzero(bad).flatten().tolist()
+        print(f"warning: step {step + 1}: non-finite reward for samples {bad_idx[:10]}; step skipped")
+        metrics.update({"skipped/nonfinite_reward": int(bad.sum()), "time/sample_s": t1 - t0, "time/reward_s": t2 - t1})
+        return metrics
+
+    adv_fn = ADVANTAGES.get(cfg.loss.advantage)
+    if normalize_name(cfg.loss.advantage) == "per-reward":
+        adv_all, keep_all, adv_info = adv_fn(all_components, reward_fn.weights, all_groups, cfg.loss.std_scope, cfg.loss.adv_clip)
+    else:
+        adv_all, keep_all, adv_info = adv_fn(all_rewards, all_groups, cfg.loss.std_scope, cfg.loss.adv_clip)
+    metrics.update(adv_info)
+    mine = slice(rank * plan.samples_per_process, (rank + 1) * plan.samples_per_process)
+    advantages, keep = adv_all[mine], keep_all[mine]
+
+    pairs = rollout.trained_pairs().cpu()
+    pairs = pairs[keep[pairs[:, 0]]]
+    stats = {"ratio": [], "clipped": [], "approx_kl": [], "kl": [], "grad_norm": [], "loss": []}
+    skipped_nonfinite = 0
+    for epoch in range(cfg.inner_epochs):
+        order = pairs[torch.randperm(len(pairs), generator=step_generator(cfg.seed, step, rank, stream=1 + epoch))]
+        for chunk in order.tensor_split(cfg.optimizer_steps_per_epoch) if len(order) else []:
+            if len(chunk) == 0:
+                continue
+            micro_batches = chunk.split(cfg.micro_batch)
+            finite = True
+            for m, micro in enumerate(micro_batches):
+                sync = m == len(micro_batches) - 1
+                with accelerator.no_sync(policy.model) if not sync else _null():
+                    loss, info = pair_losses(policy, rollout, micro.to(device), advantages, cfg)
+                    total = loss.sum() / len(chunk)
+                    if not torch.isfinite(total):
+                        finite = False
+                        break
+                    accelerator.backward(total)
+                stats["loss"].append(float(total.detach()) * len(chunk) / len(micro))
+                for k in ("ratio", "clipped", "approx_kl", "kl"):
+                    if k in info:
+                        stats[k].append(info[k].detach().cpu())
+            if not finite:
+                optimizer.zero_grad(set_to_none=True)
+                skipped_nonfinite += 1
+                continue
+            if cfg.optim.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(policy.trainable_parameters(), cfg.optim.max_grad_norm)
+            else:
+                grad_norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in policy.trainable_parameters() if p.grad is not None))
+            if not torch.isfinite(torch.as_tensor(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                skipped_nonfinite += 1
+                continue
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            policy.ema_step()
+            stats["grad_norm"].append(float(grad_norm))
+    t3 = time.perf_counter()
+
+    def cat_mean(values):
+        return float(torch.cat(values).float().mean()) if values else 0.0
+
+    metrics.update({
+        "policy/ratio_mean": cat_mean(stats["ratio"]),
+        "policy/ratio_std": float(torch.cat(stats["ratio"]).std()) if stats["ratio"] and len(torch.cat(stats["ratio"])) > 1 else 0.0,
+        "policy/clipfrac": cat_mean(stats["clipped"]),
+        "policy/approx_kl": cat_mean(stats["approx_kl"]),
+        "policy/loss": sum(stats["loss"]) / max(len(stats["loss"]), 1),
+        "grad_norm": sum(stats["grad_norm"]) / max(len(stats["grad_norm"]), 1),
+        "train/pairs": len(pairs),
+        "skipped/nonfinite_loss": skipped_nonfinite,
+        "time/sample_s": t1 - t0, "time/reward_s": t2 - t1, "time/train_s": t3 - t2,
+    })
+    if stats["kl"]:
+        metrics["kl/ref"] = cat_mean(stats["kl"])
+    return metrics
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _evaluate(policy, domain, cfg, reward_spec, accelerator, run_dir: Path, step: int, save: bool) -> dict:
+    if not accelerator.is_main_process:
+        return {}
+    with policy.ema_weights():
+        metrics, objects, scores = evaluate_model(
+            unwrap(policy.model), domain, cfg.eval_samples, cfg.sampler.eval_num_steps, cfg.sampler.shift,
+            reward_spec, device=accelerator.device)
+    if save:
+        out = run_dir / "eval"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
+        domain.save(objects, scores, out / "samples")
+    return {f"eval/{k}": v for k, v in metrics.items()}
