@@ -92,6 +92,10 @@ class TrainConfig:
     """Optimizer steps per pass; the (sample, trained step) pairs are split evenly among them."""
     micro_batch: int = 256
     """Pairs per forward/backward on one process; gradient accumulation is derived from it."""
+    recompute_old_log_probs: bool = False
+    """Recompute the old log-probs in the training's micro-batches before the first update (one
+    extra forward per pair): the first ratio is then exactly 1 even for a model that is not
+    batch-invariant. Off: the rollout's log-probs are used (exact when micro-batches are not tiny)."""
     rewards: tuple[str, ...] = ()
     """Rewards as NAME=WEIGHT (default: the domain's)."""
     checkpoint_every: int = 50

@@ -134,19 +134,29 @@ def _to(cond, device):
     return cond_to(cond, device)
 
 
-def pair_losses(policy: FlowPolicy, rollout: Rollout, pairs: torch.Tensor, advantages: torch.Tensor,
-                cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
-    """Per-pair loss [N] (policy + beta KL) for (sample, step) pairs, with diagnostics."""
+def pair_log_probs(velocity, rollout: Rollout, pairs: torch.Tensor):
+    """Log-probs [N] of the stored transitions of (sample, step) pairs under ``velocity``, and their means."""
     i, j = pairs[:, 0], pairs[:, 1]
     x, x_next = rollout.states[i, j], rollout.states[i, j + 1]
     t, t_next = rollout.timesteps[j], rollout.timesteps[j + 1]
-    cond = index_cond(rollout.cond, i)
-    v = policy.velocity(x, t, cond).float()
+    v = velocity(x, t, index_cond(rollout.cond, i)).float()
     mean, std = law_mean_std(rollout.law, x, v, t, t_next, rollout.noise_level)
-    log_prob = gaussian_log_prob(x_next, mean, std, rollout.reduction)
+    return gaussian_log_prob(x_next, mean, std, rollout.reduction), mean, std
+
+
+def pair_losses(policy: FlowPolicy, rollout: Rollout, pairs: torch.Tensor, advantages: torch.Tensor,
+                cfg: TrainConfig, old_log_probs: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Per-pair loss [N] (policy + beta KL) for (sample, step) pairs, with diagnostics.
+
+    old_log_probs [B, T] defaults to the rollout's own.
+    """
+    i, j = pairs[:, 0], pairs[:, 1]
+    log_prob, mean, std = pair_log_probs(policy.velocity, rollout, pairs)
+    old = (rollout.log_probs if old_log_probs is None else old_log_probs)[i, j]
     clip_low, clip_high = cfg.resolved_clip()
-    loss, info = clipped_ratio_loss(log_prob, rollout.log_probs[i, j], advantages[i].to(log_prob.device), clip_low, clip_high)
+    loss, info = clipped_ratio_loss(log_prob, old, advantages[i].to(log_prob.device), clip_low, clip_high)
     if cfg.loss.kl_beta > 0:
+        x, t, t_next, cond = rollout.states[i, j], rollout.timesteps[j], rollout.timesteps[j + 1], index_cond(rollout.cond, i)
         ref_mean, _ = law_mean_std(rollout.law, x, policy.reference_velocity(x, t, cond).float(), t, t_next,
                                    rollout.noise_level)
         kl = kl_to_reference(mean, ref_mean, std, t_next - t, rollout.reduction, cfg.loss.kl_with_dt)
@@ -213,13 +223,13 @@ class MetricsLog:
         self.writer = None
         if not enabled:
             return
-        if resume_step and self.path.exists():  # drop steps that the resumed run will redo
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] < resume_step]
+        if resume_step and self.path.exists():  # drop steps logged after the checkpoint: they are redone
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -372,9 +382,13 @@ def rl_step(policy, optimizer, accelerator, domain, cfg: TrainConfig, plan: Batc
     pairs = pairs[keep[pairs[:, 0]]]
     stats = {"ratio": [], "clipped": [], "approx_kl": [], "kl": [], "grad_norm": [], "loss": []}
     skipped_nonfinite = 0
+    old_log_probs = rollout.log_probs
     for epoch in range(cfg.inner_epochs):
         order = pairs[torch.randperm(len(pairs), generator=step_generator(cfg.seed, step, rank, stream=1 + epoch))]
-        for chunk in order.tensor_split(cfg.optimizer_steps_per_epoch) if len(order) else []:
+        chunks = order.tensor_split(cfg.optimizer_steps_per_epoch) if len(order) else []
+        if epoch == 0 and cfg.recompute_old_log_probs and len(order):
+            old_log_probs = recompute_log_probs(policy, rollout, chunks, cfg.micro_batch, device)
+        for chunk in chunks:
             if len(chunk) == 0:
                 continue
             micro_batches = chunk.split(cfg.micro_batch)
@@ -382,7 +396,7 @@ def rl_step(policy, optimizer, accelerator, domain, cfg: TrainConfig, plan: Batc
             for m, micro in enumerate(micro_batches):
                 sync = m == len(micro_batches) - 1
                 with accelerator.no_sync(policy.model) if not sync else _null():
-                    loss, info = pair_losses(policy, rollout, micro.to(device), advantages, cfg)
+                    loss, info = pair_losses(policy, rollout, micro.to(device), advantages, cfg, old_log_probs)
                     total = loss.sum() / len(chunk)
                     if not torch.isfinite(total):
                         finite = False
@@ -427,6 +441,18 @@ def rl_step(policy, optimizer, accelerator, domain, cfg: TrainConfig, plan: Batc
     if stats["kl"]:
         metrics["kl/ref"] = cat_mean(stats["kl"])
     return metrics
+
+
+@torch.no_grad()
+def recompute_log_probs(policy, rollout: Rollout, chunks, micro_batch: int, device) -> torch.Tensor:
+    """Old log-probs [B, T] computed in the training's own micro-batches, so the first update's ratio
+    is exactly 1 even where the model is not batch-invariant (the rollout evaluated other batches)."""
+    old = rollout.log_probs.clone()
+    for chunk in chunks:
+        for micro in chunk.split(micro_batch):
+            micro = micro.to(device)
+            old[micro[:, 0], micro[:, 1]] = pair_log_probs(policy.velocity, rollout, micro)[0]
+    return old
 
 
 class _null:

@@ -1,0 +1,89 @@
+"""Advantages and losses against hand computations."""
+
+import math
+
+import pytest
+import torch
+
+from flowcoach.core.advantages import group_normalized, group_stats, per_reward_normalized
+from flowcoach.core.losses import clipped_ratio_loss, default_clip, kl_to_reference
+from flowcoach.core.registry import FlowcoachError
+
+
+def test_group_advantages_are_zero_mean_per_group_and_match_hand_values():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 13.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    adv, keep, info = group_normalized(rewards, groups, std_scope="group", clip=0.0)
+    std0 = math.sqrt(2 / 3)
+    torch.testing.assert_close(adv[:3], torch.tensor([-1.0, 0.0, 1.0]) / (std0 + 1e-4))
+    for g in (0, 1):
+        assert abs(adv[groups == g].sum().item()) < 1e-5
+    assert keep.all() and info["group/zero_std_ratio"] == 0.0
+
+
+def test_global_std_divides_by_the_batch_std():
+    rewards = torch.tensor([0.0, 2.0, 4.0, 8.0])
+    groups = torch.tensor([0, 0, 1, 1])
+    adv, _, _ = group_normalized(rewards, groups, std_scope="global", clip=0.0)
+    batch_std = rewards.std(unbiased=False)
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, -2.0, 2.0]) / (batch_std + 1e-4))
+
+
+def test_zero_std_groups_give_zero_advantage_never_nan():
+    rewards = torch.tensor([5.0, 5.0, 5.0, 1.0, 2.0, 3.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    for scope in ("group", "global"):
+        adv, keep, info = group_normalized(rewards, groups, std_scope=scope)
+        assert torch.isfinite(adv).all()
+        assert torch.equal(adv[:3], torch.zeros(3)) and not keep[:3].any() and keep[3:].all()
+        assert info["group/zero_std_ratio"] == 0.5
+    adv, keep, _ = group_normalized(torch.ones(4), torch.tensor([0, 0, 1, 1]))
+    assert torch.equal(adv, torch.zeros(4)) and not keep.any()
+
+
+def test_advantage_clipping():
+    rewards = torch.tensor([0.0] * 99 + [1000.0])
+    adv, _, _ = group_normalized(rewards, torch.zeros(100, dtype=torch.long), std_scope="group", clip=5.0)
+    assert adv.max().item() == 5.0
+
+
+def test_group_of_one_is_refused():
+    with pytest.raises(FlowcoachError, match="at least 2"):
+        group_normalized(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 0, 1]))
+
+
+def test_per_reward_normalisation_is_scale_free():
+    groups = torch.tensor([0, 0, 0, 0])
+    small = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    comps = torch.stack([small, 1000 * small.flip(0)], dim=1)
+    adv, _, _ = per_reward_normalized(comps, torch.tensor([1.0, 1.0]), groups, clip=0.0)
+    # each reward normalised alone: the huge one does not drown the small one, they cancel exactly
+    torch.testing.assert_close(adv, torch.zeros(4), atol=1e-3, rtol=0)
+    mean, std = group_stats(small, groups)
+    torch.testing.assert_close(mean, torch.full((4,), 1.5))
+
+
+def test_clipped_loss_matches_ppo_by_hand():
+    lp_old = torch.zeros(4)
+    lp = torch.log(torch.tensor([1.5, 0.5, 1.5, 0.5]))
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    loss, info = clipped_ratio_loss(lp, lp_old, adv, 0.2, 0.2)
+    # positive advantage: ratio capped at 1.2 above; negative advantage: ratio floored at 0.8
+    torch.testing.assert_close(loss, torch.tensor([-1.2, -0.5, 1.5, 0.8]))
+    assert info["clipped"].tolist() == [1.0, 0.0, 0.0, 1.0]
+    loss_asym, _ = clipped_ratio_loss(lp, lp_old, adv, 0.1, 0.3)
+    torch.testing.assert_close(loss_asym, torch.tensor([-1.3, -0.5, 1.5, 0.9]))
+
+
+def test_clip_default_follows_the_reduction():
+    assert default_clip("mean") == 1e-4 and default_clip("sum") == 0.2
+    with pytest.raises(FlowcoachError):
+        default_clip("max")
+
+
+def test_kl_with_and_without_dt():
+    mean, ref = torch.ones(3, 2), torch.zeros(3, 2)
+    std, dt = torch.full((3,), 0.5), torch.full((3,), -0.1)
+    exact = kl_to_reference(mean, ref, std, dt, "sum", with_dt=True)
+    torch.testing.assert_close(exact, torch.full((3,), 2 * 1.0 / (2 * 0.25)))
+    torch.testing.assert_close(kl_to_reference(mean, ref, std, dt, "sum", with_dt=False), exact * 0.1)
