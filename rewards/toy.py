@@ -26,7 +26,7 @@ def _points(objects: list) -> torch.Tensor:
 
 
 def mode_reward(objects: list, conditions, width: float = 0.5) -> tuple[torch.Tensor, dict]:
-    """exp(-||x - m_target||^2 / (2 width^2)): 1 at the target mode's centre, ~0 at the others.
+    """exp(-||x - m_target||^2 / (2 width^2)): 1 at the target mode's centre, < 0.01 at its neighbours.
 
     A non-finite point scores 0 and is counted as invalid.
     """

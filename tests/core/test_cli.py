@@ -1,0 +1,81 @@
+"""The console script: a smoke run of every command and one-line errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flowcoach.core.cli import main
+
+FLOWCOACH = [sys.executable, "-m", "flowcoach.core.cli"]
+
+
+def run_cli(*args, cwd):
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([*FLOWCOACH, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_train_eval_sample_smoke(tmp_path):
+    out = run_cli("train", "toy", "--algo", "flow-grpo", "--steps", "3", "--groups-per-step", "4", "--group-size", "4",
+                  "--eval-samples", "64", "--sample-every", "3", "--output-dir", "runs", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "batch arithmetic" in out.stdout and "eval:" in out.stdout
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("toy__flow-grpo__0__")
+    for path in ("config.yaml", "metrics.jsonl", "checkpoints/checkpoint-3/trainable.safetensors",
+                 "checkpoints/checkpoint-3/optimizer.pt", "checkpoints/checkpoint-3/state.json",
+                 "samples/step-3/samples.png", "eval/metrics.json", "tensorboard"):
+        assert (run / path).exists(), path
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+
+    resumed = run_cli("train", "toy", "--steps", "4", "--groups-per-step", "4", "--group-size", "4",
+                      "--eval-samples", "64", "--output-dir", "runs", "--resume", "latest", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "from checkpoint-3" in resumed.stdout
+
+    ev = run_cli("eval", "toy", "--checkpoint", str(run), "--num-samples", "100", cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert {"target_hit_rate", "on_manifold_rate", "reward_mean"} <= set(metrics)
+    assert (run / "eval" / "report.md").exists()
+
+    sm = run_cli("sample", "toy", "--num-samples", "16", "--output", "out", cwd=tmp_path)
+    assert sm.returncode == 0, sm.stderr
+    assert (tmp_path / "out" / "samples.npy").exists()
+
+
+def test_domains_and_check_domain(capsys):
+    assert main(["domains"]) == 0
+    listing = capsys.readouterr().out
+    assert "toy" in listing and "flow-grpo" in listing and "toy-mode" in listing and "cps" in listing
+    assert main(["check-domain", "toy"]) == 0
+    assert "toy: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["train", "nope"], "unknown domain 'nope'; choose one of: toy"),
+    (["train", "toy", "--algo", "nope"], "unknown algorithm 'nope'; choose one of: flow-grpo"),
+    (["train", "toy", "--group-size", "1"], "group_size must be >= 2"),
+    (["train", "toy", "--sampler.noise-level", "-0.5"], "noise_level must be >= 0"),
+    (["train", "toy", "--sampler.law", "brownian"], "unknown noise law 'brownian'; choose one of: const-eta, cps, flow-sde, ode"),
+    (["train", "toy", "--base", "no/such/folder"], "no base model at 'no/such/folder'"),
+    (["train", "toy", "--resume", "latest", "--output-dir", "empty"], "no run of toy__flow-grpo__0 with a checkpoint"),
+    (["eval", "toy", "--checkpoint", "no/such/run"], "checkpoint 'no/such/run' does not exist"),
+    (["frobnicate"], "unknown command 'frobnicate'; choose one of: domains, pretrain, train"),
+])
+def test_bad_input_is_one_line_naming_the_choices(tmp_path, monkeypatch, capsys, args, expected):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and expected in err and "\n" not in err and "Traceback" not in err
+
+
+def test_pretrain_writes_a_loadable_base(tmp_path, capsys):
+    assert main(["pretrain", "toy", "--steps", "50", "--eval-samples", "100", "--output", str(tmp_path / "base")]) == 0
+    record = json.loads((tmp_path / "base" / "base.json").read_text())
+    assert record["config"]["steps"] == 50 and "target_hit_rate" in record["eval"]["metrics"]
+    assert main(["eval", "toy", "--base", str(tmp_path / "base"), "--num-samples", "50",
+                 "--output", str(tmp_path / "ev")]) == 0
