@@ -17,8 +17,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def has_adapter(model: nn.Module) -> bool:
-    """LoRA models (peft's PeftModel, our DiffusersVelocity) expose a ``disable_adapter()`` context."""
-    return hasattr(unwrap(model), "disable_adapter")
+    """LoRA models (peft's PeftModel, our DiffusersVelocity) expose a ``disable_adapter()`` context;
+    a model that could carry one says whether it does through a boolean ``has_adapter``."""
+    inner = unwrap(model)
+    flag = getattr(inner, "has_adapter", None)
+    return flag if isinstance(flag, bool) else hasattr(inner, "disable_adapter")
 
 
 class FlowPolicy:

@@ -61,6 +61,11 @@ class DiffusersVelocity(nn.Module):
         out = self.transformer(hidden_states=x_t, timestep=t * self.timestep_scale, return_dict=False, **(cond or {}))
         return out[0]
 
+    @property
+    def has_adapter(self) -> bool:
+        """True once a LoRA adapter was added (see ``add_lora``)."""
+        return bool(getattr(self.transformer, "_hf_peft_config_loaded", False))
+
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[DiffusersVelocity]:
         """Within the block the model is the base (reference) policy: every adapter is off.
