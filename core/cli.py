@@ -111,6 +111,10 @@ def cmd_train(argv: list[str]) -> None:
         defaults.domain = domain
     cfg = tyro.cli(type(defaults), default=defaults, args=rest, prog="flowcoach train DOMAIN")
     run_dir = train(cfg, console=_console())
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     print(f"done: {run_dir}")
     print("eval: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "step"))

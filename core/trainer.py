@@ -26,7 +26,7 @@ from flowcoach.core.policy import FlowPolicy, unwrap
 from flowcoach.core.registry import ADVANTAGES, ALGORITHMS, NOISE_LAWS, FlowcoachError, normalize_name
 from flowcoach.core.sampling.laws import gaussian_log_prob, law_mean_std
 from flowcoach.core.sampling.rollout import Rollout, index_cond
-from flowcoach.core.sampling.sampler import initial_noise, sample, time_grid, window_mask
+from flowcoach.core.sampling.sampler import sample, time_grid, window_mask
 
 
 # ----------------------------------------------------------------------------- batch arithmetic
@@ -114,18 +114,37 @@ def repeat_cond(cond, times: int):
     return cond.repeat_interleave(times, dim=0)
 
 
-def collect_rollout(policy: FlowPolicy, domain: Domain, cfg: TrainConfig, groups: int, g: torch.Generator,
-                    device, group_offset: int = 0) -> Rollout:
+def group_noise(cfg: TrainConfig, sample_shape: tuple[int, ...], groups: torch.Tensor, step: int):
+    """Initial noise [B, ...] and step noise [B, T, ...] for the samples of ``groups`` (G each).
+
+    Each group draws from its own generator, so a group's samples are the same whatever the number
+    of processes it is spread over.
+    """
+    x1, noise = [], []
+    for gid in groups.tolist():
+        g = step_generator(cfg.seed, step, stream=10_000 + gid)
+        n = 1 if cfg.sampler.same_noise_in_group else cfg.group_size
+        x1.append(torch.randn(n, *sample_shape, generator=g).expand(cfg.group_size, *sample_shape))
+        noise.append(torch.randn(cfg.group_size, cfg.sampler.num_steps, *sample_shape, generator=g))
+    return torch.cat(x1), torch.cat(noise)
+
+
+def collect_rollout(policy: FlowPolicy, domain: Domain, cfg: TrainConfig, step: int, device,
+                    world_size: int = 1, rank: int = 0) -> Rollout:
+    """This process's share of step ``step``'s groups: conditions, noise and window are drawn from
+    generators of the step (and group), never of the process."""
     s = cfg.sampler
-    cond = repeat_cond(domain.train_conditions(groups, g), cfg.group_size)
-    batch = groups * cfg.group_size
-    group_ids = torch.arange(groups).repeat_interleave(cfg.group_size) + group_offset
-    x1 = initial_noise((batch, *domain.sample_shape), group_ids, s.same_noise_in_group, g).to(device)
-    mask = window_mask(batch, s.num_steps, s.sde_window_size, s.sde_window_range, s.deterministic_last_step, g)
-    model = unwrap(policy.model)
-    return sample(model, x1, time_grid(s.num_steps, s.shift), cond=_to(cond, device), law=s.law,
-                  noise_level=s.noise_level, stochastic=mask, group_ids=group_ids, generator=g,
-                  reduction=s.logprob_reduction, ode_solver=s.ode_solver)
+    g = step_generator(cfg.seed, step)
+    all_cond = domain.train_conditions(cfg.groups_per_step, g)
+    mask = window_mask(1, s.num_steps, s.sde_window_size, s.sde_window_range, s.deterministic_last_step, g)
+    per_process = cfg.groups_per_step // world_size
+    groups = torch.arange(rank * per_process, (rank + 1) * per_process)
+    cond = repeat_cond(index_cond(all_cond, groups), cfg.group_size)
+    group_ids = groups.repeat_interleave(cfg.group_size)
+    x1, noise = group_noise(cfg, tuple(domain.sample_shape), groups, step)
+    return sample(unwrap(policy.model), x1.to(device), time_grid(s.num_steps, s.shift), cond=_to(cond, device),
+                  law=s.law, noise_level=s.noise_level, stochastic=mask.expand(len(group_ids), -1),
+                  group_ids=group_ids, reduction=s.logprob_reduction, ode_solver=s.ode_solver, noise=noise)
 
 
 def _to(cond, device):
@@ -288,8 +307,11 @@ def train(cfg: TrainConfig, domain: Domain | None = None, console=None) -> Path:
         start = load_checkpoint(ckpt, unwrap(policy.model), optimizer, policy.ema)["step"]
         say(f"resuming {run_dir} from {ckpt.name} (step {start})")
     else:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(cfg.output_dir) / f"{run_root_name(cfg, domain.name)}__{stamp}"
+        from accelerate.utils import broadcast_object_list
+
+        stamp = [datetime.now().strftime("%Y%m%d-%H%M%S")]
+        broadcast_object_list(stamp)  # every process must name the same folder
+        run_dir = Path(cfg.output_dir) / f"{run_root_name(cfg, domain.name)}__{stamp[0]}"
         if accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=False)
             save_yaml(cfg, run_dir / "config.yaml")
@@ -336,11 +358,9 @@ def _progress(console, main: bool):
 def rl_step(policy, optimizer, accelerator, domain, cfg: TrainConfig, plan: BatchPlan, reward_fn, step: int,
             rank: int, run_dir: Path) -> dict:
     """One RL step; returns its metrics."""
-    g = step_generator(cfg.seed, step, rank)
     device = accelerator.device
     t0 = time.perf_counter()
-    rollout = collect_rollout(policy, domain, cfg, plan.groups_per_process, g, device,
-                              group_offset=rank * plan.groups_per_process)
+    rollout = collect_rollout(policy, domain, cfg, step, device, plan.world_size, rank)
     t1 = time.perf_counter()
     cond_cpu = _to(rollout.cond, "cpu")
     objects = domain.decode(rollout.samples.cpu())
@@ -378,50 +398,25 @@ def rl_step(policy, optimizer, accelerator, domain, cfg: TrainConfig, plan: Batc
     mine = slice(rank * plan.samples_per_process, (rank + 1) * plan.samples_per_process)
     advantages, keep = adv_all[mine], keep_all[mine]
 
-    pairs = rollout.trained_pairs().cpu()
-    pairs = pairs[keep[pairs[:, 0]]]
+    all_pairs = rollout.trained_pairs().cpu()
+    pairs = all_pairs[keep[all_pairs[:, 0]]]
     stats = {"ratio": [], "clipped": [], "approx_kl": [], "kl": [], "grad_norm": [], "loss": []}
     skipped_nonfinite = 0
     old_log_probs = rollout.log_probs
     for epoch in range(cfg.inner_epochs):
         order = pairs[torch.randperm(len(pairs), generator=step_generator(cfg.seed, step, rank, stream=1 + epoch))]
-        chunks = order.tensor_split(cfg.optimizer_steps_per_epoch) if len(order) else []
+        chunks = order.tensor_split(cfg.optimizer_steps_per_epoch)  # always the same count on every process
         if epoch == 0 and cfg.recompute_old_log_probs and len(order):
             old_log_probs = recompute_log_probs(policy, rollout, chunks, cfg.micro_batch, device)
         for chunk in chunks:
-            if len(chunk) == 0:
+            grad_norm = optimizer_step_on(chunk, all_pairs[:1], policy, optimizer, accelerator, rollout, advantages,
+                                          old_log_probs, cfg, stats)
+            if grad_norm is None:
                 continue
-            micro_batches = chunk.split(cfg.micro_batch)
-            finite = True
-            for m, micro in enumerate(micro_batches):
-                sync = m == len(micro_batches) - 1
-                with accelerator.no_sync(policy.model) if not sync else _null():
-                    loss, info = pair_losses(policy, rollout, micro.to(device), advantages, cfg, old_log_probs)
-                    total = loss.sum() / len(chunk)
-                    if not torch.isfinite(total):
-                        finite = False
-                        break
-                    accelerator.backward(total)
-                stats["loss"].append(float(total.detach()) * len(chunk) / len(micro))
-                for k in ("ratio", "clipped", "approx_kl", "kl"):
-                    if k in info:
-                        stats[k].append(info[k].detach().cpu())
-            if not finite:
-                optimizer.zero_grad(set_to_none=True)
+            if not math.isfinite(grad_norm):
                 skipped_nonfinite += 1
                 continue
-            if cfg.optim.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(policy.trainable_parameters(), cfg.optim.max_grad_norm)
-            else:
-                grad_norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in policy.trainable_parameters() if p.grad is not None))
-            if not torch.isfinite(torch.as_tensor(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                skipped_nonfinite += 1
-                continue
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            policy.ema_step()
-            stats["grad_norm"].append(float(grad_norm))
+            stats["grad_norm"].append(grad_norm)
     t3 = time.perf_counter()
 
     def cat_mean(values):
@@ -441,6 +436,52 @@ def rl_step(policy, optimizer, accelerator, domain, cfg: TrainConfig, plan: Batc
     if stats["kl"]:
         metrics["kl/ref"] = cat_mean(stats["kl"])
     return metrics
+
+
+def optimizer_step_on(chunk, filler, policy, optimizer, accelerator, rollout, advantages, old_log_probs,
+                      cfg: TrainConfig, stats: dict) -> float | None:
+    """One optimizer step over the pairs of ``chunk`` (micro-batched, gradients accumulated).
+
+    The loss is the mean over the chunk's pairs on all processes together, so the update is the
+    same for any number of processes. A process with no pair still runs one zero-weighted forward
+    (of ``filler``) so DDP's collectives stay in step. Returns the gradient norm, nan when a
+    non-finite loss or gradient made every process skip the step, or None when no process had a pair.
+    """
+    device = accelerator.device
+    n_global = int(accelerator.reduce(torch.tensor([len(chunk)], device=device), "sum").item())
+    if n_global == 0:
+        return None
+    scale = accelerator.num_processes / n_global  # DDP averages over processes
+    micro_batches = list(chunk.split(cfg.micro_batch)) if len(chunk) else [filler]
+    finite = True
+    for m, micro in enumerate(micro_batches):
+        last = m == len(micro_batches) - 1
+        with _null() if last else accelerator.no_sync(policy.model):
+            loss, info = pair_losses(policy, rollout, micro.to(device), advantages, cfg, old_log_probs)
+            weight = 0.0 if len(chunk) == 0 else scale
+            total = loss.sum() * weight
+            if not torch.isfinite(total):
+                finite = False
+                total = loss.nan_to_num(0.0).sum() * 0.0  # keep the collectives in step, add nothing
+            accelerator.backward(total)
+        if len(chunk):
+            stats["loss"].append(float(loss.detach().mean()))
+            for k in ("ratio", "clipped", "approx_kl", "kl"):
+                if k in info:
+                    stats[k].append(info[k].detach().cpu())
+    all_finite = accelerator.reduce(torch.tensor([float(finite)], device=device), "sum").item() == accelerator.num_processes
+    params = policy.trainable_parameters()
+    if all_finite and cfg.optim.max_grad_norm > 0:
+        grad_norm = float(accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm))
+    elif all_finite:
+        grad_norm = float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None)))
+    else:
+        grad_norm = float("nan")
+    if math.isfinite(grad_norm):
+        optimizer.step()
+        policy.ema_step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 @torch.no_grad()

@@ -101,8 +101,12 @@ def sample(
     reduction: str = "mean",
     ode_solver: str = "euler",
     record_means: bool = False,
+    noise: torch.Tensor | None = None,
 ) -> Rollout:
-    """Integrate from x_init at timesteps[0] to timesteps[-1], with noise on the stochastic steps."""
+    """Integrate from x_init at timesteps[0] to timesteps[-1], with noise on the stochastic steps.
+
+    The step noise is drawn from ``generator``, or taken from ``noise`` [B, T, ...] when given.
+    """
     if noise_level < 0:
         raise FlowcoachError(f"noise level must be >= 0, got {noise_level}")
     batch = x_init.shape[0]
@@ -117,6 +121,11 @@ def sample(
         group_ids = torch.arange(batch)
     timesteps = timesteps.to(device=device, dtype=torch.float32)
 
+    def draw(j: int) -> torch.Tensor:
+        if noise is not None:
+            return noise[:, j].to(device=device, dtype=torch.float32)
+        return torch.randn(x_init.shape, generator=generator).to(device)
+
     x = x_init.float()
     states = [x]
     log_probs = torch.zeros(batch, num_steps, device=device)
@@ -129,14 +138,14 @@ def sample(
         rows = stochastic[:, j]
         if rows.all():  # the common case: the whole batch is stochastic at this step
             mean, std = law_mean_std(law, x, v, t, t_next, noise_level)
-            noise = torch.randn(x.shape, generator=generator).to(device)
-            x_next = mean + std.reshape(-1, *([1] * (x.dim() - 1))) * noise
+            z = draw(j)
+            x_next = mean + std.reshape(-1, *([1] * (x.dim() - 1))) * z
             log_probs[:, j] = gaussian_log_prob(x_next, mean, std, reduction)
             stds[:, j] = std
         elif rows.any():
             mean, std = law_mean_std(law, x, v, t, t_next, noise_level)
-            noise = torch.randn(x.shape, generator=generator).to(device)
-            x_sde = mean + std.reshape(-1, *([1] * (x.dim() - 1))) * noise
+            z = draw(j)
+            x_sde = mean + std.reshape(-1, *([1] * (x.dim() - 1))) * z
             x_ode = deterministic_step(velocity, x, v, t, t_next, cond, ode_solver)
             sel = rows.reshape(-1, *([1] * (x.dim() - 1)))
             x_next = torch.where(sel, x_sde, x_ode)

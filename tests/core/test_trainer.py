@@ -48,7 +48,7 @@ def test_ratio_is_exactly_one_on_policy(tmp_path, micro_batch, recompute):
     domain = ToyDomain()
     cfg = small_config(tmp_path, micro_batch=micro_batch)
     policy = FlowPolicy(load_base(domain)[0])
-    rollout = collect_rollout(policy, domain, cfg, 4, step_generator(0, 0), "cpu")
+    rollout = collect_rollout(policy, domain, cfg, 0, "cpu")
     pairs = rollout.trained_pairs()
     pairs = pairs[torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0))]
     old = recompute_log_probs(policy, rollout, [pairs], micro_batch, "cpu") if recompute else None
@@ -64,7 +64,7 @@ def test_tiny_micro_batches_are_not_batch_invariant_but_stay_far_inside_the_clip
     domain = ToyDomain()
     cfg = small_config(tmp_path)
     policy = FlowPolicy(load_base(domain)[0])
-    rollout = collect_rollout(policy, domain, cfg, 4, step_generator(0, 0), "cpu")
+    rollout = collect_rollout(policy, domain, cfg, 0, "cpu")
     for micro in rollout.trained_pairs().split(7):
         _, info = pair_losses(policy, rollout, micro, torch.randn(16), cfg)
         assert (info["ratio"] - 1).abs().max() < 1e-5 < cfg.resolved_clip()[0] and info["clipped"].sum() == 0
@@ -183,7 +183,7 @@ def test_batch_arithmetic_is_validated(tmp_path):
 
 def test_sde_window_trains_only_the_window(tmp_path):
     cfg = small_config(tmp_path, **{"sampler.sde_window_size": 2, "sampler.sde_window_range": (0, 4)})
-    rollout = collect_rollout(FlowPolicy(load_base(ToyDomain())[0]), ToyDomain(), cfg, 4, step_generator(0, 0), "cpu")
+    rollout = collect_rollout(FlowPolicy(load_base(ToyDomain())[0]), ToyDomain(), cfg, 0, "cpu")
     steps = rollout.stochastic.any(dim=0).nonzero().flatten().tolist()
     assert len(steps) == 2 and steps[1] == steps[0] + 1 and steps[0] < 4
     assert rollout.stochastic.all(dim=0)[steps].all()  # the window is shared by the batch
@@ -192,7 +192,7 @@ def test_sde_window_trains_only_the_window(tmp_path):
 
 def test_same_noise_in_group(tmp_path):
     cfg = small_config(tmp_path, **{"sampler.same_noise_in_group": True})
-    rollout = collect_rollout(FlowPolicy(load_base(ToyDomain())[0]), ToyDomain(), cfg, 4, step_generator(0, 0), "cpu")
+    rollout = collect_rollout(FlowPolicy(load_base(ToyDomain())[0]), ToyDomain(), cfg, 0, "cpu")
     x1 = rollout.states[:, 0]
     assert torch.equal(x1[0], x1[3]) and not torch.equal(x1[0], x1[4])
     assert not torch.equal(rollout.samples[0], rollout.samples[1])  # the SDE noise still differs
