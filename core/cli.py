@@ -81,10 +81,11 @@ def _algo_from_argv(argv: list[str]) -> str:
 def _console():
     from rich.console import Console
 
-    return Console(stderr=False)
+    return Console(soft_wrap=True)  # no wrapping at 80 columns when the output is not a terminal
 
 
 def cmd_domains(argv: list[str]) -> None:
+    import flowcoach.core.domain  # noqa: F401 - registers the built-in domains
     from flowcoach.core import algorithms  # noqa: F401 - registers the recipes
     from flowcoach.core.registry import ADVANTAGES, ALGORITHMS, DOMAINS, NOISE_LAWS, REWARDS
     import flowcoach.core.advantages  # noqa: F401
@@ -134,10 +135,12 @@ def cmd_pretrain(argv: list[str]) -> None:
 def _eval_output(args, domain_name: str) -> Path:
     if args.output:
         return Path(args.output)
-    if args.checkpoint != "base":
+    if args.checkpoint != "base":  # beside the run's own final eval, never over it
+        from flowcoach.core.checkpoint import list_checkpoints
+
         path = Path(args.checkpoint)
-        run = path.parent.parent if (path / "state.json").exists() else path
-        return run / "eval"
+        ckpt = path if (path / "state.json").exists() else (list_checkpoints(path) or [path])[-1]
+        return ckpt.parent.parent / "eval" / f"{ckpt.name}__n{args.num_samples}__steps{args.num_steps}"
     return Path("runs") / f"{domain_name}__eval" / "base"
 
 
@@ -146,7 +149,7 @@ def cmd_eval(argv: list[str]) -> None:
 
     from flowcoach.core.checkpoint import load_trained
     from flowcoach.core.domain import get_domain
-    from flowcoach.core.trainer import evaluate_model
+    from flowcoach.core.trainer import evaluate_model, write_eval_report
 
     domain_name, rest = _split_domain(argv)
     args = tyro.cli(EvalArgs, default=EvalArgs(domain=domain_name or "toy"), args=rest, prog="flowcoach eval DOMAIN")
@@ -154,14 +157,10 @@ def cmd_eval(argv: list[str]) -> None:
     model = load_trained(domain, args.checkpoint, args.base)
     metrics, objects, scores = evaluate_model(model, domain, args.num_samples, args.num_steps, args.shift, seed=args.seed)
     out = _eval_output(args, domain.name)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_eval_report(out, metrics, f"{domain.name} evaluation",
+                      f"checkpoint `{args.checkpoint}`, {args.num_samples} samples, {args.num_steps} ODE steps, seed {args.seed}")
     domain.save(objects, scores, out / "samples")
-    lines = [f"# {domain.name} evaluation", "", f"checkpoint: `{args.checkpoint}`, {args.num_samples} samples, "
-             f"{args.num_steps} ODE steps, seed {args.seed}", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[4:]))
+    print((out / "report.md").read_text().split("\n\n", 2)[2].rstrip())
     print(f"written to {out}")
 
 
@@ -219,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; checkpoints written so far are kept", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `flowcoach ... | head`
+        sys.stderr.close()
+        return 0
     return 0
 
 

@@ -3,8 +3,9 @@
 step: rollout (groups of G per condition) -> rewards -> advantages -> inner epochs over
 minibatches of (sample, trained step) pairs -> optimizer steps -> EMA -> log -> checkpoint.
 
-Randomness of step k comes from a generator seeded by (seed, k, process), so a resumed run draws
-exactly what an uninterrupted one would.
+Randomness of step k comes from generators seeded by (seed, k) and, for a group's noise, by the
+group too, so a resumed run draws exactly what an uninterrupted one would, and the samples do not
+depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -197,6 +198,15 @@ def generate(model, domain: Domain, cond, num_steps: int, shift: float = 1.0, se
     return rollout.samples
 
 
+def write_eval_report(out: Path, metrics: dict, title: str, details: str) -> None:
+    """eval/metrics.json and a Markdown report.md of the held-out metrics."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    lines = [f"# {title}", "", details, "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float)]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
 def evaluate_model(model, domain: Domain, num_samples: int, num_steps: int, shift: float = 1.0,
                    rewards: dict | None = None, seed: int = 12345, device="cpu") -> tuple[dict, list, torch.Tensor]:
     """Held-out evaluator metrics plus the training reward on eval conditions, with ODE samples."""
@@ -386,7 +396,8 @@ def rl_step(policy, optimizer, accelerator, domain, cfg: TrainConfig, plan: Batc
     if bad.any():
         bad_idx = torch.nonzero(bad).flatten().tolist()
         print(f"warning: step {step + 1}: non-finite reward for samples {bad_idx[:10]}; step skipped")
-        metrics.update({"skipped/nonfinite_reward": int(bad.sum()), "time/sample_s": t1 - t0, "time/reward_s": t2 - t1})
+        metrics.update({"skipped/nonfinite_reward": int(bad.sum()), "skipped/nonfinite_loss": 0,
+                        "time/sample_s": t1 - t0, "time/reward_s": t2 - t1})
         return metrics
 
     adv_fn = ADVANTAGES.get(cfg.loss.advantage)
@@ -431,6 +442,7 @@ def rl_step(policy, optimizer, accelerator, domain, cfg: TrainConfig, plan: Batc
         "grad_norm": sum(stats["grad_norm"]) / max(len(stats["grad_norm"]), 1),
         "train/pairs": len(pairs),
         "skipped/nonfinite_loss": skipped_nonfinite,
+        "skipped/nonfinite_reward": 0,
         "time/sample_s": t1 - t0, "time/reward_s": t2 - t1, "time/train_s": t3 - t2,
     })
     if stats["kl"]:
@@ -513,7 +525,8 @@ def _evaluate(policy, domain, cfg, reward_spec, accelerator, run_dir: Path, step
             reward_spec, device=accelerator.device)
     if save:
         out = run_dir / "eval"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
+        write_eval_report(out, {"step": step, **metrics}, f"{domain.name} evaluation at step {step}",
+                          f"run `{run_dir.name}`, {cfg.eval_samples} samples, {cfg.sampler.eval_num_steps} ODE steps"
+                          f"{', EMA weights' if policy.ema is not None else ''}")
         domain.save(objects, scores, out / "samples")
     return {f"eval/{k}": v for k, v in metrics.items()}
