@@ -89,6 +89,7 @@ def check_domain(domain: Domain, batch: int = 4) -> list[str]:
     Returns the list of checks that passed, for the CLI to print.
     """
     from flowcoach.core.checkpoint import load_base
+    from flowcoach.core.sampling.rollout import index_cond
     from flowcoach.rewards import build_reward
 
     passed = []
@@ -107,10 +108,18 @@ def check_domain(domain: Domain, batch: int = 4) -> list[str]:
     ok(bool(torch.isfinite(x0).all()), "data is finite")
     model = domain.build_model(**domain.model_config())
     x = torch.randn(batch, *domain.sample_shape, generator=g)
-    v = model(x, torch.full((batch,), 0.5), cond)
+    model_cond = index_cond(data_cond, torch.arange(batch))  # what the model is conditioned on
+    v = model(x, torch.full((batch,), 0.5), model_cond)
     ok(tuple(v.shape) == tuple(x.shape), "model output has the input's shape")
     objects = domain.decode(x)
     ok(len(objects) == batch, "decode returns one object per sample")
+    if domain.kind == "interact":  # its rewards and evaluator take episodes: play two short ones
+        from flowcoach.core.interact import evaluate_episodes
+
+        cond = domain.eval_conditions(2)
+        objects = evaluate_episodes(model, domain, cond, num_steps=2)
+        batch = 2
+        ok(len(objects) == 2 and all(e["steps"] > 0 for e in objects), "episodes run in the environment")
     reward = build_reward(domain.default_rewards())
     scores, _ = reward(objects, cond)
     ok(tuple(scores.shape) == (batch,), "reward returns one score per sample")
@@ -127,7 +136,7 @@ def check_domain(domain: Domain, batch: int = 4) -> list[str]:
     base = domain.base_checkpoint()
     if base is not None:
         model, _ = load_base(domain, base)
-        ok(tuple(model(x, torch.full((batch,), 0.5), cond).shape) == tuple(x.shape), "base checkpoint loads")
+        ok(tuple(model(x, torch.full((len(x),), 0.5), model_cond).shape) == tuple(x.shape), "base checkpoint loads")
     return passed
 
 

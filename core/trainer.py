@@ -41,13 +41,17 @@ class BatchPlan:
     pairs_per_optimizer_step: int
     grad_accumulation: int
     optimizer_steps_per_rl_step: int
+    chunks_per_sample: int = 1
 
     def table(self, cfg: TrainConfig) -> str:
         return "\n".join([
             "batch arithmetic:",
             f"  {cfg.groups_per_step} groups/step x G={cfg.group_size} = {cfg.groups_per_step * cfg.group_size} samples/step"
             f" over {self.world_size} process(es) -> {self.samples_per_process} samples/process",
-            f"  {self.trained_steps_per_sample} trained denoising steps/sample -> {self.pairs_per_process} (sample, step) pairs/process",
+            f"  {self.trained_steps_per_sample} trained denoising steps/sample -> {self.pairs_per_process} (sample, step) pairs/process"
+            if self.chunks_per_sample == 1 else
+            f"  {self.trained_steps_per_sample} trained denoising steps/chunk x up to {self.chunks_per_sample} chunks/episode"
+            f" -> up to {self.pairs_per_process} (chunk, step) pairs/process",
             f"  {cfg.inner_epochs} inner epoch(s) x {cfg.optimizer_steps_per_epoch} optimizer step(s)/epoch"
             f" = {self.optimizer_steps_per_rl_step} optimizer steps per RL step",
             f"  {self.pairs_per_optimizer_step} pairs/optimizer step/process in micro-batches of {cfg.micro_batch}"
@@ -63,8 +67,12 @@ def trained_steps_per_sample(cfg: TrainConfig) -> int:
     return cfg.sampler.num_steps - (1 if cfg.sampler.deterministic_last_step else 0)
 
 
-def plan_batches(cfg: TrainConfig, world_size: int) -> BatchPlan:
-    """Derive per-process sizes from the global recipe; one-line errors when it does not fit."""
+def plan_batches(cfg: TrainConfig, world_size: int, chunks_per_sample: int = 1) -> BatchPlan:
+    """Derive per-process sizes from the global recipe; one-line errors when it does not fit.
+
+    For interact domains a sample is an episode of up to ``chunks_per_sample`` chunks; the pair
+    counts are then upper bounds (episodes may end early).
+    """
     if cfg.group_size < 2:
         raise FlowcoachError(f"group_size must be >= 2 (a group is its own baseline), got {cfg.group_size}")
     if cfg.groups_per_step < 1:
@@ -83,14 +91,14 @@ def plan_batches(cfg: TrainConfig, world_size: int) -> BatchPlan:
         raise FlowcoachError("no stochastic step to train: set sampler.noise_level > 0 and a law other than 'ode'")
     groups = cfg.groups_per_step // world_size
     samples = groups * cfg.group_size
-    pairs = samples * trained
+    pairs = samples * trained * chunks_per_sample
     if cfg.optimizer_steps_per_epoch > pairs:
         raise FlowcoachError(
             f"optimizer_steps_per_epoch={cfg.optimizer_steps_per_epoch} exceeds the {pairs} (sample, step) pairs per process"
         )
     per_opt = math.ceil(pairs / cfg.optimizer_steps_per_epoch)
     return BatchPlan(world_size, groups, samples, trained, pairs, per_opt, math.ceil(per_opt / cfg.micro_batch),
-                     cfg.inner_epochs * cfg.optimizer_steps_per_epoch)
+                     cfg.inner_epochs * cfg.optimizer_steps_per_epoch, chunks_per_sample)
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -213,8 +221,13 @@ def evaluate_model(model, domain: Domain, num_samples: int, num_steps: int, shif
     from flowcoach.rewards import build_reward
 
     cond = domain.eval_conditions(num_samples)
-    x = generate(model, domain, cond, num_steps, shift, seed, device=device)
-    objects = domain.decode(x.cpu())
+    if domain.kind == "interact":
+        from flowcoach.core.interact import evaluate_episodes
+
+        objects = evaluate_episodes(unwrap(model), domain, cond, num_steps, shift, device=device)
+    else:
+        x = generate(model, domain, cond, num_steps, shift, seed, device=device)
+        objects = domain.decode(x.cpu())
     metrics = {k: float(v) for k, v in domain.evaluate(objects, cond).items()}
     scores, _ = build_reward(rewards or domain.default_rewards())(objects, cond)
     metrics["reward_mean"] = float(scores[torch.isfinite(scores)].mean()) if torch.isfinite(scores).any() else float("nan")
@@ -292,7 +305,7 @@ def train(cfg: TrainConfig, domain: Domain | None = None, console=None) -> Path:
         cfg.steps, cfg.resume = steps, resume
 
     accelerator = Accelerator(cpu=cfg.device == "cpu")
-    plan = plan_batches(cfg, accelerator.num_processes)
+    plan = plan_batches(cfg, accelerator.num_processes, getattr(domain, "max_chunks", 1) if domain.kind == "interact" else 1)
     reward_spec = parse_reward_spec(cfg.rewards) if cfg.rewards else domain.default_rewards()
     reward_fn = build_reward(reward_spec)
     say = (console.print if console is not None else print) if accelerator.is_main_process else (lambda *a, **k: None)
@@ -370,16 +383,26 @@ def rl_step(policy, optimizer, accelerator, domain, cfg: TrainConfig, plan: Batc
     """One RL step; returns its metrics."""
     device = accelerator.device
     t0 = time.perf_counter()
-    rollout = collect_rollout(policy, domain, cfg, step, device, plan.world_size, rank)
+    if domain.kind == "interact":  # objects are episodes; each chunk of an episode is a sample
+        from flowcoach.core.interact import collect_episodes
+
+        rollout, sample_owner, objects, cond_cpu = collect_episodes(policy, domain, cfg, step, device,
+                                                                    plan.world_size, rank)
+        rollout = rollout.to(device)
+        object_groups = torch.arange(rank * plan.groups_per_process,
+                                     (rank + 1) * plan.groups_per_process).repeat_interleave(cfg.group_size)
+    else:
+        rollout = collect_rollout(policy, domain, cfg, step, device, plan.world_size, rank)
+        sample_owner, object_groups = None, rollout.group_ids.cpu()
+        cond_cpu = _to(rollout.cond, "cpu")
+        objects = domain.decode(rollout.samples.cpu())
     t1 = time.perf_counter()
-    cond_cpu = _to(rollout.cond, "cpu")
-    objects = domain.decode(rollout.samples.cpu())
     rewards, reward_info = reward_fn(objects, cond_cpu)
     components = reward_info.pop("components")
     t2 = time.perf_counter()
 
     all_rewards = accelerator.gather(rewards.to(device)).cpu()
-    all_groups = accelerator.gather(rollout.group_ids).cpu()
+    all_groups = accelerator.gather(object_groups.to(device)).cpu()
     all_components = accelerator.gather(components.to(device)).cpu()
     metrics = {"reward/mean": float(all_rewards[torch.isfinite(all_rewards)].mean()) if torch.isfinite(all_rewards).any() else float("nan"),
                "reward/std": float(all_rewards[torch.isfinite(all_rewards)].std()) if torch.isfinite(all_rewards).sum() > 1 else 0.0}
@@ -408,6 +431,8 @@ def rl_step(policy, optimizer, accelerator, domain, cfg: TrainConfig, plan: Batc
     metrics.update(adv_info)
     mine = slice(rank * plan.samples_per_process, (rank + 1) * plan.samples_per_process)
     advantages, keep = adv_all[mine], keep_all[mine]
+    if sample_owner is not None:  # an episode's advantage goes to each of its chunks
+        advantages, keep = advantages[sample_owner], keep[sample_owner]
 
     all_pairs = rollout.trained_pairs().cpu()
     pairs = all_pairs[keep[all_pairs[:, 0]]]

@@ -18,6 +18,19 @@ RewardFn = Callable[[list, Any], tuple[torch.Tensor, dict]]
 
 REWARDS.register("toy-mode", "flowcoach.rewards.toy:mode_reward")
 REWARDS.register("toy-on-manifold", "flowcoach.rewards.toy:on_manifold_reward")
+REWARDS.register("episode-return", "flowcoach.rewards.episodes:episode_return")
+REWARDS.register("episode-success", "flowcoach.rewards.episodes:episode_success")
+REWARDS.register("episode-speed", "flowcoach.rewards.episodes:episode_speed")
+REWARDS.register("mol-valid", "flowcoach.rewards.molecules:validity")
+REWARDS.register("mol-atom-stability", "flowcoach.rewards.molecules:atom_stability")
+REWARDS.register("mol-stability", "flowcoach.rewards.molecules:molecule_stability")
+REWARDS.register("mol-qed", "flowcoach.rewards.molecules:qed")
+REWARDS.register("mol-sa", "flowcoach.rewards.molecules:sa")
+REWARDS.register("mol-logp-window", "flowcoach.rewards.molecules:logp_window")
+REWARDS.register("mol-mw-window", "flowcoach.rewards.molecules:mw_window")
+REWARDS.register("mol-smarts", "flowcoach.rewards.molecules:smarts")
+REWARDS.register("mol-heavy-atoms", "flowcoach.rewards.molecules:heavy_atom_match")
+REWARDS.register("mol-duplicate", "flowcoach.rewards.molecules:duplicate_penalty")
 
 
 class CompositeReward:

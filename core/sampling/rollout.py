@@ -80,3 +80,29 @@ class Rollout:
     def trained_pairs(self) -> torch.Tensor:
         """[N, 2] (sample, step) indices of every stochastic step: the units of a training minibatch."""
         return torch.nonzero(self.stochastic, as_tuple=False)
+
+
+def cat_cond(conds: list) -> Any:
+    if conds[0] is None:
+        return None
+    if isinstance(conds[0], dict):
+        return {k: cat_cond([c[k] for c in conds]) for k in conds[0]}
+    return torch.cat(conds)
+
+
+def cat_rollouts(rollouts: list[Rollout]) -> Rollout:
+    """Stack rollouts over the same time grid and law along the batch (e.g. the chunks of episodes)."""
+    first = rollouts[0]
+    for r in rollouts[1:]:
+        if not torch.equal(r.timesteps, first.timesteps) or (r.law, r.noise_level, r.reduction) != (
+                first.law, first.noise_level, first.reduction):
+            raise ValueError("only rollouts over the same time grid and noise law can be stacked")
+
+    def cat(name):
+        values = [getattr(r, name) for r in rollouts]
+        return None if values[0] is None else torch.cat(values)
+
+    return Rollout(states=cat("states"), log_probs=cat("log_probs"), stds=cat("stds"), timesteps=first.timesteps,
+                   stochastic=cat("stochastic"), group_ids=cat("group_ids"),
+                   cond=cat_cond([r.cond for r in rollouts]), means=cat("means"), parents=cat("parents"),
+                   law=first.law, noise_level=first.noise_level, reduction=first.reduction)
