@@ -15,6 +15,7 @@ from flowcoach.core.registry import DOMAINS, FlowcoachError
 
 # Built-in domains load lazily: importing flowcoach.core never imports a domain's libraries.
 DOMAINS.register("toy", "flowcoach.domains.toy:ToyDomain")
+DOMAINS.register("grasping", "flowcoach.domains.grasping:GraspingDomain")
 DOMAINS.register("molecules", "flowcoach.domains.molecules:MoleculesDomain")
 
 

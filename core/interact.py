@@ -54,6 +54,7 @@ class InteractDomain(Domain):
     kind = "interact"
     chunk_size: int = 4
     max_chunks: int = 50
+    eval_splits: tuple[str, ...] = ("eval",)  # the first is the main one; others are reported as <split>/...
 
     def make_env(self, render_mode: str | None = None):
         raise NotImplementedError

@@ -216,20 +216,38 @@ def write_eval_report(out: Path, metrics: dict, title: str, details: str) -> Non
 
 
 def evaluate_model(model, domain: Domain, num_samples: int, num_steps: int, shift: float = 1.0,
-                   rewards: dict | None = None, seed: int = 12345, device="cpu") -> tuple[dict, list, torch.Tensor]:
-    """Held-out evaluator metrics plus the training reward on eval conditions, with ODE samples."""
+                   rewards: dict | None = None, seed: int = 12345, device="cpu",
+                   render: int = 0) -> tuple[dict, list, torch.Tensor]:
+    """Held-out evaluator metrics plus the training reward on eval conditions, with ODE samples.
+
+    Interact domains: ``render`` episodes are replayed with frames for the saved video.
+    """
     from flowcoach.rewards import build_reward
 
     cond = domain.eval_conditions(num_samples)
+    reward_fn = build_reward(rewards or domain.default_rewards())
+    extra = {}
     if domain.kind == "interact":
         from flowcoach.core.interact import evaluate_episodes
 
-        objects = evaluate_episodes(unwrap(model), domain, cond, num_steps, shift, device=device)
+        objects = evaluate_episodes(unwrap(model), domain, cond, num_steps, shift, split=domain.eval_splits[0], device=device)
+        for split in domain.eval_splits[1:]:  # e.g. out-of-distribution placements
+            episodes = evaluate_episodes(unwrap(model), domain, cond, num_steps, shift, split=split, device=device)
+            extra.update({f"{split}/{k}": float(v) for k, v in domain.evaluate(episodes, cond).items()})
+        extra["denoising_steps_per_action"] = num_steps / domain.chunk_size
+        if render:  # a few deterministic episodes again, with frames, for the saved video
+            try:
+                shown = evaluate_episodes(unwrap(model), domain, cond[:render], num_steps, shift,
+                                          split=domain.eval_splits[0], render=True, device=device)
+                objects = shown + objects[render:]
+            except Exception as e:  # noqa: BLE001 - no renderer (no EGL/OSMesa) must not end a run
+                print(f"warning: rendering failed ({type(e).__name__}: {e}); no rollout video")
     else:
         x = generate(model, domain, cond, num_steps, shift, seed, device=device)
         objects = domain.decode(x.cpu())
     metrics = {k: float(v) for k, v in domain.evaluate(objects, cond).items()}
-    scores, _ = build_reward(rewards or domain.default_rewards())(objects, cond)
+    metrics.update(extra)
+    scores, _ = reward_fn(objects, cond)
     metrics["reward_mean"] = float(scores[torch.isfinite(scores)].mean()) if torch.isfinite(scores).any() else float("nan")
     return metrics, objects, scores
 
@@ -547,7 +565,7 @@ def _evaluate(policy, domain, cfg, reward_spec, accelerator, run_dir: Path, step
     with policy.ema_weights():
         metrics, objects, scores = evaluate_model(
             unwrap(policy.model), domain, cfg.eval_samples, cfg.sampler.eval_num_steps, cfg.sampler.shift,
-            reward_spec, device=accelerator.device)
+            reward_spec, device=accelerator.device, render=4 if save and domain.kind == "interact" else 0)
     if save:
         out = run_dir / "eval"
         write_eval_report(out, {"step": step, **metrics}, f"{domain.name} evaluation at step {step}",
