@@ -28,7 +28,9 @@ commands:
 
 
 @dataclass
-class EvalArgs:
+class ModelArgs:
+    """Which model to sample from, and how."""
+
     domain: str = "toy"
     checkpoint: str = "base"
     """Run folder, checkpoint folder, or 'base'."""
@@ -39,19 +41,18 @@ class EvalArgs:
     """Deterministic ODE steps."""
     shift: float = 1.0
     seed: int = 12345
-    output: str | None = None
-    """Folder for metrics.json, report.md and samples (default: <run>/eval, or runs/<domain>__eval/base)."""
 
 
 @dataclass
-class SampleArgs:
-    domain: str = "toy"
-    checkpoint: str = "base"
-    """Run folder, checkpoint folder, or 'base'."""
-    base: str | None = None
+class EvalArgs(ModelArgs):
+    output: str | None = None
+    """Folder for metrics.json, report.md and samples (default: <run>/eval/<checkpoint>__n<N>__steps<S>,
+    or runs/<domain>__eval/base)."""
+
+
+@dataclass
+class SampleArgs(ModelArgs):
     num_samples: int = 64
-    num_steps: int = 40
-    shift: float = 1.0
     seed: int = 0
     output: str = "samples"
     """Folder to write the samples to."""
@@ -177,7 +178,16 @@ def cmd_sample(argv: list[str]) -> None:
     domain = get_domain(args.domain)
     model = load_trained(domain, args.checkpoint, args.base)
     cond = domain.eval_conditions(args.num_samples)
-    objects = domain.decode(generate(model, domain, cond, args.num_steps, args.shift, args.seed).cpu())
+    if domain.kind == "interact":  # samples are episodes, saved with a video of the first few
+        from flowcoach.core.interact import evaluate_episodes
+
+        try:
+            objects = evaluate_episodes(model, domain, cond, args.num_steps, args.shift, render=True)
+        except Exception as e:  # noqa: BLE001 - no renderer: still write the episodes
+            print(f"warning: rendering failed ({type(e).__name__}: {e}); episodes without video")
+            objects = evaluate_episodes(model, domain, cond, args.num_steps, args.shift)
+    else:
+        objects = domain.decode(generate(model, domain, cond, args.num_steps, args.shift, args.seed).cpu())
     scores, _ = build_reward(domain.default_rewards())(objects, cond)
     files = domain.save(objects, scores, Path(args.output))
     print(f"{len(objects)} samples, mean reward {float(scores.mean()):.4f}; wrote " + ", ".join(str(f) for f in files))
