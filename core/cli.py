@@ -107,10 +107,14 @@ def cmd_train(argv: list[str]) -> None:
     from flowcoach.core.algorithms import algorithm_defaults
     from flowcoach.core.trainer import train
 
+    from flowcoach.core.config import set_fields
+    from flowcoach.core.domain import get_domain
+
     domain, rest = _split_domain(argv)
     defaults = algorithm_defaults(_algo_from_argv(rest))
     if domain is not None:
         defaults.domain = domain
+        set_fields(defaults, get_domain(domain).train_defaults())  # then the user's flags win
     cfg = tyro.cli(type(defaults), default=defaults, args=rest, prog="flowcoach train DOMAIN")
     run_dir = train(cfg, console=_console())
     from accelerate import PartialState
@@ -127,8 +131,13 @@ def cmd_pretrain(argv: list[str]) -> None:
 
     from flowcoach.core.pretrain import PretrainConfig, pretrain
 
+    from flowcoach.core.config import set_fields
+    from flowcoach.core.domain import get_domain
+
     domain, rest = _split_domain(argv)
     defaults = PretrainConfig(domain=domain or "toy")
+    if domain is not None:
+        set_fields(defaults, get_domain(domain).pretrain_defaults())  # how its shipped base was made
     cfg = tyro.cli(PretrainConfig, default=defaults, args=rest, prog="flowcoach pretrain DOMAIN")
     pretrain(cfg, console=_console())
 

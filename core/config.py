@@ -119,6 +119,17 @@ class TrainConfig:
         return low, high
 
 
+def set_fields(cfg, values: dict) -> None:
+    """Set (dotted) fields of a nested config dataclass: {"sampler.noise_level": 0.5, "steps": 10}."""
+    for key, value in values.items():
+        target, *path = cfg, *key.split(".")
+        for part in path[:-1]:
+            target = getattr(target, part)
+        if not hasattr(target, path[-1]):
+            raise FlowcoachError(f"unknown config field '{key}'")
+        setattr(target, path[-1], tuple(value) if isinstance(value, list) else value)
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 

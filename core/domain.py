@@ -17,6 +17,7 @@ from flowcoach.core.registry import DOMAINS, FlowcoachError
 DOMAINS.register("toy", "flowcoach.domains.toy:ToyDomain")
 DOMAINS.register("grasping", "flowcoach.domains.grasping:GraspingDomain")
 DOMAINS.register("molecules", "flowcoach.domains.molecules:MoleculesDomain")
+DOMAINS.register("crystals", "flowcoach.domains.crystals:CrystalsDomain")
 
 
 class Domain(ABC):
@@ -74,6 +75,15 @@ class Domain(ABC):
     @abstractmethod
     def evaluate(self, objects: list, conditions: Any) -> dict[str, float]:
         """Held-out metrics that are not the training reward, so reward hacking shows."""
+
+    def pretrain_defaults(self) -> dict[str, Any]:
+        """PretrainConfig fields this domain's base was made with (the CLI's defaults for it)."""
+        return {}
+
+    def train_defaults(self) -> dict[str, Any]:
+        """TrainConfig fields (dotted: "sampler.noise_level") tuned for this domain; applied after the
+        algorithm's recipe and before the user's flags."""
+        return {}
 
 
 def get_domain(name: str) -> Domain:

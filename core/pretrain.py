@@ -53,7 +53,7 @@ def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) ->
     say = console.print if console is not None else print
     say(f"pretraining {domain.name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{x0.shape[0]:,} training samples, {cfg.steps} steps of {cfg.batch_size}")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     losses = []
     for step in range(cfg.steps):
         idx = torch.randint(0, x0.shape[0], (cfg.batch_size,), generator=g)
@@ -66,7 +66,7 @@ def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) ->
         losses.append(loss.item())
         if (step + 1) % max(1, cfg.steps // 10) == 0:
             say(f"  step {step + 1}/{cfg.steps}  flow-matching loss {sum(losses[-100:]) / len(losses[-100:]):.4f}")
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     model.eval()
     metrics, _, _ = evaluate_model(model, domain, cfg.eval_samples, cfg.eval_num_steps)
     record = {
@@ -74,7 +74,9 @@ def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) ->
         "config": asdict(cfg),
         "data": f"{domain.name} data('train'): {x0.shape[0]} samples",
         "final_loss": sum(losses[-100:]) / len(losses[-100:]),
-        "cpu_seconds": round(seconds, 1),
+        "wall_seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu_seconds, 1),
+        "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": platform.machine(),
         "eval": {"num_samples": cfg.eval_samples, "num_steps": cfg.eval_num_steps, "seed": 12345, "metrics": metrics},
