@@ -29,7 +29,9 @@ class GraspingDomain(InteractDomain):
     max_chunks = 15  # 60 control steps, the env's time limit
     eval_splits = ("eval", "ood")
 
-    def __init__(self, num_demo_episodes: int = 120, demo_noise: float = 0.3, stride: int = 2):
+    # 30 noisy demos (93% of them successful) make a few-shot BC base that succeeds ~60% of the time
+    # (like pi-RL's few-shot SFT): imperfect because the data are scarce, not because the model is crippled.
+    def __init__(self, num_demo_episodes: int = 30, demo_noise: float = 0.3, stride: int = 2):
         self.num_demo_episodes, self.demo_noise, self.stride = num_demo_episodes, demo_noise, stride
 
     def make_env(self, render_mode: str | None = None):
@@ -63,6 +65,17 @@ class GraspingDomain(InteractDomain):
 
     def base_checkpoint(self) -> Path | None:
         return Path(__file__).parent / "base"
+
+    def pretrain_defaults(self) -> dict:
+        # how domains/grasping/base was made (its base.json records the same)
+        return {"steps": 1000, "eval_samples": 200, "eval_num_steps": 10}
+
+    def train_defaults(self) -> dict:
+        # the recipe of benchmarks/grasping (60.5% -> 94% held-out success in 350 steps): sum-reduced
+        # log-probs with PPO's 0.2 clip, 4 optimizer steps per rollout, a low learning rate
+        return {"groups_per_step": 16, "group_size": 8, "sampler.num_steps": 10, "sampler.eval_num_steps": 10,
+                "sampler.noise_level": 0.7, "sampler.logprob_reduction": "sum", "optim.lr": 1e-4,
+                "optimizer_steps_per_epoch": 4, "eval_samples": 100, "eval_every": 10}
 
     def default_rewards(self) -> dict[str, float]:
         return {"episode-success": 1.0, "episode-return": 0.02}
