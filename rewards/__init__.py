@@ -31,6 +31,14 @@ REWARDS.register("mol-mw-window", "flowcoach.rewards.molecules:mw_window")
 REWARDS.register("mol-smarts", "flowcoach.rewards.molecules:smarts")
 REWARDS.register("mol-heavy-atoms", "flowcoach.rewards.molecules:heavy_atom_match")
 REWARDS.register("mol-duplicate", "flowcoach.rewards.molecules:duplicate_penalty")
+REWARDS.register("crystal-structure", "flowcoach.rewards.crystals:structure_validity")
+REWARDS.register("crystal-smact", "flowcoach.rewards.crystals:composition_validity")
+REWARDS.register("crystal-valid", "flowcoach.rewards.crystals:validity")
+REWARDS.register("crystal-energy", "flowcoach.rewards.crystals:energy")
+REWARDS.register("crystal-ehull", "flowcoach.rewards.crystals:ehull")
+REWARDS.register("crystal-stable", "flowcoach.rewards.crystals:stable")
+REWARDS.register("crystal-force", "flowcoach.rewards.crystals:force")
+REWARDS.register("crystal-volume", "flowcoach.rewards.crystals:volume")
 
 
 class CompositeReward:

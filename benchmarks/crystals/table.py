@@ -1,0 +1,25 @@
+"""Print the markdown results table of benchmarks/results/crystals_*.json (used for the README)."""
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+COLUMNS = ["struct_valid", "comp_valid", "valid", "proxy_stable_rate", "mean_proxy_ehull", "unique_rate", "novel_rate",
+           "sun_rate", "density_wdist", "nelem_wdist", "element_tv", "csp_match_rate", "sevenn_gap_shift"]
+
+
+def main() -> None:
+    print("| model | " + " | ".join(COLUMNS) + " | eval CPU s |")
+    print("|---" * (len(COLUMNS) + 2) + "|")
+    for label in ("heldout", "base", "rl", "dng_base", "dng_rl"):
+        path = RESULTS / f"crystals_{label}.json"
+        if not path.exists():
+            continue
+        rec = json.loads(path.read_text())
+        m = rec["metrics"]
+        cells = [f"{m[c]:.3f}" if c in m else "-" for c in COLUMNS]
+        print(f"| {label} (n={rec['num_samples']}) | " + " | ".join(cells) + f" | {rec['eval_cpu_s']} |")
+
+
+if __name__ == "__main__":
+    main()

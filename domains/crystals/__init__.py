@@ -1,0 +1,125 @@
+"""The crystals domain: periodic crystal generation (DiffCSP/FlowMM-style flow), fine-tuned for
+validity and (proxy) stability.
+
+Data are generated offline (``data``: SMACT-valid cubic perovskites and CHGNet-screened pyxtal
+crystals, cached); a sample is fractional coordinates lifted to R^3, the element bits and the
+lattice (``data``, ``torus`` explains why the core's Gaussian transitions stay exact); the model is a
+small periodic message-passing network (``model``). The condition is a composition: element indices
+[N_MAX] (0 = padding). Two modes: structure prediction (``CrystalsDomain``, atom types given) and
+de novo generation for a given atom count (``CrystalsDNGDomain``, types generated as analog bits).
+Decoding gives pymatgen ``Structure`` objects, saved as CIF; rewards are in
+``flowcoach.rewards.crystals``; the evaluator (``evaluate``) is held out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from flowcoach.core.domain import Domain
+from flowcoach.core.registry import FlowcoachError
+from flowcoach.domains.crystals import physics
+from flowcoach.domains.crystals.data import FEATURES, N_MAX, GenConfig, composition_tensor, encode, load_dataset, split
+from flowcoach.domains.crystals.decode import decode, save_structures
+from flowcoach.domains.crystals.evaluate import evaluate_structures
+from flowcoach.domains.crystals.model import CrystalVelocity
+
+
+def composition_key(row) -> tuple[int, ...]:
+    return tuple(sorted(int(i) for i in row if int(i) > 0))
+
+
+class CrystalsDomain(Domain):
+    name = "crystals"
+    kind = "generate"
+    generate_types = False
+
+    def __init__(self, gen: GenConfig | None = None, copies: int = 4, width: int = 64, depth: int = 4,
+                 sevenn: bool = True):
+        """``gen``: the data set to generate (default: the shipped base's); ``copies``: lifts per
+        training crystal; ``width``/``depth``: the model; ``sevenn``: run the SevenNet cross-check."""
+        self.gen = gen or GenConfig()
+        self.copies, self.width, self.depth, self.sevenn = copies, width, depth, sevenn
+        self._cache: dict = {}
+
+    # ------------------------------------------------------------------ data and conditions
+    def _load(self) -> dict:
+        if not self._cache:
+            data = load_dataset(self.gen)
+            train, held = split(data, "train"), split(data, "heldout")
+            self._cache.update(data=data, train=train, heldout=held,
+                               train_structures=[c.structure() for c in train],
+                               heldout_structures=[c.structure() for c in held])
+            physics.use_hull(physics.hull_from_data(data, train))
+        return self._cache
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return (N_MAX + 1, FEATURES)
+
+    def data(self, split_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if split_name not in ("train", "heldout"):
+            raise FlowcoachError(f"unknown split '{split_name}'; choose train or heldout")
+        crystals = self._load()[split_name]
+        copies = self.copies if split_name == "train" else 1  # fresh periodic images per copy
+        return encode(crystals, copies=copies, seed=self.gen.seed + (split_name == "heldout"))
+
+    def train_conditions(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        comp = composition_tensor(self._load()["train"])
+        return comp[torch.randint(0, comp.shape[0], (n,), generator=generator)]
+
+    def eval_conditions(self, n: int) -> torch.Tensor:
+        comp = composition_tensor(self._load()["heldout"])
+        return comp[torch.arange(n) % comp.shape[0]]
+
+    # ------------------------------------------------------------------ model
+    def model_config(self) -> dict:
+        return {"width": self.width, "depth": self.depth, "harmonics": 4, "generate_types": self.generate_types}
+
+    def build_model(self, **config) -> CrystalVelocity:
+        return CrystalVelocity(**config)
+
+    def base_checkpoint(self) -> Path | None:
+        path = Path(__file__).parent / ("base" if not self.generate_types else "base-dng")
+        return path if (path / "model.safetensors").exists() else None
+
+    def pretrain_defaults(self) -> dict:
+        # how domains/crystals/base was made (its base.json records the same)
+        return {"steps": 1500, "batch_size": 128, "lr": 1e-3, "eval_samples": 500, "eval_num_steps": 20}
+
+    def train_defaults(self) -> dict:
+        # the recipe of benchmarks/crystals: sum-reduced log-probs with PPO's 0.2 clip, SDE on a
+        # 3-step window of 10, 2 optimizer steps per rollout
+        return {"groups_per_step": 16, "group_size": 8, "sampler.num_steps": 10, "sampler.eval_num_steps": 20,
+                "sampler.noise_level": 0.7, "sampler.sde_window_size": 3, "sampler.logprob_reduction": "sum",
+                "optim.lr": 3e-4, "optimizer_steps_per_epoch": 2, "eval_samples": 128}
+
+    # ------------------------------------------------------------------ objects
+    def decode(self, x: torch.Tensor) -> list:
+        return decode(x)
+
+    def save(self, objects: list, rewards: torch.Tensor | None, directory: Path) -> list[Path]:
+        return save_structures(objects, rewards, directory)
+
+    def default_rewards(self) -> dict[str, float]:
+        # a validity gate, the proxy hull for stability, a small force penalty (near a minimum) and
+        # the volume window, without which RL swells cells to dodge CHGNet (rewards/crystals.py)
+        return {"crystal-valid": 1.0, "crystal-ehull": 1.0, "crystal-force": 0.05, "crystal-volume": 1.0}
+
+    def evaluate(self, objects: list, conditions) -> dict[str, float]:
+        cache = self._load()
+        targets = None
+        if not self.generate_types and conditions is not None:
+            by_comp = {}
+            for c, s in zip(composition_tensor(cache["heldout"]), cache["heldout_structures"]):
+                by_comp.setdefault(composition_key(c), s)
+            targets = [by_comp.get(composition_key(row)) for row in torch.as_tensor(conditions)]
+        return evaluate_structures(objects, cache["train_structures"], cache["heldout_structures"], targets,
+                                   cache["train_structures"][:48], sevenn=self.sevenn)
+
+
+class CrystalsDNGDomain(CrystalsDomain):
+    """De novo generation: the condition fixes the atom count only; the elements are generated."""
+
+    generate_types = True

@@ -1,0 +1,176 @@
+"""The held-out evaluator of the crystals domain: validity, proxy stability, S.U.N., distribution
+distances to the held-out crystals, structure-prediction match rate and a second-potential check.
+
+None of these is a training reward as such: stability is re-measured on the same proxy hull but
+reported with uniqueness, novelty, distribution distances and SevenNet's opinion, so a policy that
+hacks CHGNet or collapses onto one structure shows.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from collections import defaultdict
+
+import numpy as np
+
+from flowcoach.domains.crystals import physics
+
+SEVENN_SAMPLES = 48  # structures re-scored with SevenNet per evaluation (CPU cost ~0.2 s each)
+
+
+def _matcher():
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    return StructureMatcher(stol=0.5, angle_tol=10, ltol=0.3)  # DiffCSP/CDVAE tolerances
+
+
+def unique_flags(structures: list) -> list[bool]:
+    """True for the first of every set of StructureMatcher-equivalent structures (by formula first)."""
+    matcher, seen, flags = _matcher(), defaultdict(list), []
+    for s in structures:
+        group = seen[s.composition.reduced_formula]
+        dup = any(_fits(matcher, s, o) for o in group)
+        flags.append(not dup)
+        if not dup:
+            group.append(s)
+    return flags
+
+
+def _fits(matcher, a, b) -> bool:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return bool(matcher.fit(a, b))
+        except Exception:  # noqa: BLE001 - degenerate lattices: not a match
+            return False
+
+
+def novel_flags(structures: list, reference: dict[str, list]) -> list[bool]:
+    """True where no reference structure of the same reduced formula matches."""
+    matcher = _matcher()
+    return [not any(_fits(matcher, s, r) for r in reference.get(s.composition.reduced_formula, [])) for s in structures]
+
+
+def wasserstein(a, b) -> float:
+    from scipy.stats import wasserstein_distance
+
+    return float(wasserstein_distance(a, b)) if len(a) and len(b) else float("nan")
+
+
+def element_tv(a: list, b: list) -> float:
+    """Total-variation distance between the element frequencies (per atom) of two sets of structures."""
+    def freq(structs):
+        counts = defaultdict(float)
+        for s in structs:
+            for el, n in s.composition.items():
+                counts[el.symbol] += n
+        total = sum(counts.values()) or 1.0
+        return {k: v / total for k, v in counts.items()}
+    fa, fb = freq(a), freq(b)
+    return 0.5 * sum(abs(fa.get(k, 0.0) - fb.get(k, 0.0)) for k in set(fa) | set(fb))
+
+
+@functools.lru_cache(maxsize=1)
+def sevennet():
+    """SevenNet-0 from the sevenn wheel (weights ship in it), or None when sevenn is not installed."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from sevenn.calculator import SevenNetCalculator
+
+            return SevenNetCalculator("7net-0", device="cpu")
+    except Exception:  # noqa: BLE001 - optional second potential
+        return None
+
+
+def sevennet_energies(structures: list) -> list[float] | None:
+    calc = sevennet()
+    if calc is None:
+        return None
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    out = []
+    for s in structures:
+        key = physics.structure_key(s)
+        if key not in _SEVENN_CACHE:
+            atoms = AseAtomsAdaptor.get_atoms(s)
+            atoms.calc = calc
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _SEVENN_CACHE[key] = float(atoms.get_potential_energy()) / len(atoms)
+        out.append(_SEVENN_CACHE[key])
+    return out
+
+
+_SEVENN_CACHE: dict[str, float] = {}
+
+
+def evaluate_structures(objects: list, train: list, heldout: list, targets: list | None = None,
+                        sevenn_reference: list | None = None, sevenn: bool = True) -> dict[str, float]:
+    """Metrics of generated ``objects`` (Structure or None) against training and held-out crystals.
+
+    ``targets``: per sample the held-out structure of its composition (structure prediction), or None.
+    ``sevenn_reference``: training structures whose CHGNet - SevenNet energy gap calibrates the check.
+    """
+    n = max(1, len(objects))
+    struct_ok = [s is not None and physics.structure_ok(s) for s in objects]
+    comp_ok = [s is not None and physics.composition_ok(s) for s in objects]
+    valid = [a and b for a, b in zip(struct_ok, comp_ok)]
+    preds = physics.chgnet_predict(objects)
+    hull = physics.reference_hull()
+    ehull = [hull.e_above_hull(s.composition, p["e"]) if v and p is not None else None
+             for s, p, v in zip(objects, preds, valid)]
+    stable = [e is not None and e <= physics.STABLE_EHULL for e in ehull]
+    valid_s = [s for s, v in zip(objects, valid) if v]
+    uniq = unique_flags(valid_s)
+    ref = defaultdict(list)
+    for s in train:
+        ref[s.composition.reduced_formula].append(s)
+    nov = novel_flags(valid_s, ref)
+    it = iter(zip(uniq, nov))
+    un = [next(it) if v else (False, False) for v in valid]
+    sun = [st and u and nv for st, (u, nv) in zip(stable, un)]
+    found = [e for e in ehull if e is not None]
+    metrics = {
+        "num_samples": float(len(objects)),
+        "undecodable_rate": sum(s is None for s in objects) / n,
+        "struct_valid": sum(struct_ok) / n,
+        "comp_valid": sum(comp_ok) / n,
+        "valid": sum(valid) / n,
+        "proxy_stable_rate": sum(stable) / n,
+        "mean_proxy_ehull": float(np.mean(found)) if found else float("nan"),
+        "mean_energy": float(np.mean([p["e"] for p in preds if p is not None])) if any(preds) else float("nan"),
+        "unique_rate": sum(uniq) / max(1, len(uniq)),
+        "novel_rate": sum(nov) / max(1, len(nov)),
+        "sun_rate": sum(sun) / n,
+        "density_wdist": wasserstein([s.density for s in valid_s], [s.density for s in heldout]),
+        "nelem_wdist": wasserstein([len(s.composition) for s in valid_s], [len(s.composition) for s in heldout]),
+        "element_tv": element_tv(valid_s, heldout) if valid_s else float("nan"),
+    }
+    if targets is not None:
+        matcher = _matcher()
+        hits = [t is not None and s is not None and _fits(matcher, s, t) for s, t in zip(objects, targets)]
+        metrics["csp_match_rate"] = sum(hits) / n
+    if sevenn:
+        metrics.update(sevenn_check([s for s, st in zip(objects, stable) if st], sevenn_reference))
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def sevenn_check(stable: list, reference: list | None) -> dict[str, float]:
+    """CHGNet - SevenNet energy gap on (up to SEVENN_SAMPLES) proxy-stable samples, beside the same
+    gap on training crystals: a gap that moves away from the training one flags a hacked potential."""
+    if not stable or sevennet() is None:
+        return {}
+    pick = stable[:SEVENN_SAMPLES]
+    chg = [p["e"] for p in physics.chgnet_predict(pick)]
+    sev = sevennet_energies(pick)
+    gaps = np.array(chg) - np.array(sev)
+    out = {"sevenn_mae": float(np.abs(gaps).mean()), "sevenn_gap": float(gaps.mean())}
+    if reference:
+        ref = reference[:SEVENN_SAMPLES]
+        ref_gap = np.array([p["e"] for p in physics.chgnet_predict(ref)]) - np.array(sevennet_energies(ref))
+        out["sevenn_gap_shift"] = float(gaps.mean() - ref_gap.mean())
+    return out

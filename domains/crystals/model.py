@@ -1,0 +1,116 @@
+"""The crystal velocity model: a small periodic message-passing network in the manner of CSPNet.
+
+x [B, N_MAX + 1, FEATURES] (see ``data``), cond [B, N_MAX] element indices (0 = padding).
+
+- Atoms exchange messages over every pair in the cell; an edge sees the Fourier features of the
+  shortest periodic displacement between the two atoms' wrapped coordinates (``torus``), so the
+  network knows atoms across a cell face are neighbours. Each atom also sees periodic features of its
+  own position and its lifted chart position (the velocity in R^3 depends on which image it heads to).
+- The lattice channels (lengths and angles, invariant to rotation) and t enter every layer.
+- Closed-form rows: where the answer is known, the flow's exact velocity is used, not the network.
+  On the path x_t = (1 - t) c + t eps toward a known value c the velocity is (x_t - c) / t: padding
+  rows go to the sentinel, the unused lattice channels to 0 and, in structure-prediction mode
+  (``generate_types=False``), the type bits to the bits of the given composition. Every sampler
+  then ends them at (or, on a noisy last step, within noise of) c, so ``decode`` reads the atoms and
+  their elements from x alone. With ``generate_types=True`` the network predicts the type bits
+  (analog bits of the element index) of the real atoms: de novo generation for a given atom count.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flowcoach.core.nets.common import TimeCondEmbedding
+from flowcoach.domains.crystals import torus
+from flowcoach.domains.crystals.data import BITS, FEATURES, N_MAX, VOCAB
+
+T_MIN = 1e-4  # the closed-form velocity divides by t; Heun evaluates at t = 0
+
+
+def bit_table(device=None) -> torch.Tensor:
+    """[V + 1, BITS] analog bits of every element index (row 0: padding)."""
+    idx = torch.arange(len(VOCAB) + 1, device=device)
+    return (((idx[:, None] >> torch.arange(BITS, device=device)) & 1) * 2 - 1).float()
+
+
+def target_rows(cond: torch.Tensor, n_max: int = N_MAX) -> torch.Tensor:
+    """[B, n_max + 1, FEATURES] the known values c: sentinel padding, composition bits, 0 lattice tail."""
+    B = cond.shape[0]
+    c = torch.zeros(B, n_max + 1, FEATURES, device=cond.device)
+    c[:, :n_max, 3:] = bit_table(cond.device)[cond.long()]
+    return c
+
+
+def known_mask(cond: torch.Tensor, generate_types: bool, n_max: int = N_MAX) -> torch.Tensor:
+    """[B, n_max + 1, FEATURES] bool: entries whose velocity is closed-form."""
+    real = cond > 0
+    known = torch.zeros(cond.shape[0], n_max + 1, FEATURES, dtype=torch.bool, device=cond.device)
+    known[:, :n_max] = ~real[..., None]  # padding rows, every channel
+    if not generate_types:
+        known[:, :n_max, 3:] |= real[..., None]
+    known[:, n_max, 6:] = True
+    return known
+
+
+class Layer(nn.Module):
+    def __init__(self, width: int, edge_dim: int):
+        super().__init__()
+        self.msg = nn.Sequential(nn.Linear(2 * width + edge_dim, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU())
+        self.upd = nn.Sequential(nn.Linear(2 * width, width), nn.SiLU(), nn.Linear(width, width))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, h, edge, pair_mask, emb):
+        B, N, W = h.shape
+        h_in = self.norm(h + emb[:, None])
+        pairs = torch.cat([h_in[:, :, None].expand(B, N, N, W), h_in[:, None].expand(B, N, N, W), edge], dim=-1)
+        m = self.msg(pairs) * pair_mask[..., None]
+        agg = m.sum(2) / pair_mask.sum(2, keepdim=True).clamp_min(1.0)
+        return h + self.upd(torch.cat([h_in, agg], dim=-1))
+
+
+class CrystalVelocity(nn.Module):
+    def __init__(self, width: int = 64, depth: int = 4, harmonics: int = 4, generate_types: bool = False,
+                 n_max: int = N_MAX):
+        super().__init__()
+        self.n_max, self.harmonics, self.generate_types = n_max, harmonics, generate_types
+        self.embed = TimeCondEmbedding(width, cond_dim=6)  # t and the (noisy) lattice channels
+        self.types = nn.Embedding(len(VOCAB) + 1, width)
+        node_in = 6 * harmonics + 3 + (BITS if generate_types else 0)
+        self.node = nn.Linear(node_in, width)
+        edge_dim = 6 * harmonics
+        self.layers = nn.ModuleList(Layer(width, edge_dim) for _ in range(depth))
+        self.coord_out = nn.Linear(width, 3)
+        self.type_out = nn.Linear(width, BITS)
+        self.lattice_out = nn.Sequential(nn.Linear(2 * width, width), nn.SiLU(), nn.Linear(width, 6))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        B, N = x_t.shape[0], self.n_max
+        if x_t.shape[1:] != (N + 1, FEATURES):
+            raise ValueError(f"crystal samples have shape [B, {N + 1}, {FEATURES}], got {list(x_t.shape)}")
+        cond = torch.as_tensor(cond, device=x_t.device).long().reshape(B, N)
+        t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device).reshape(-1).expand(B)
+        real = cond > 0
+        chart = x_t[:, :N, :3]
+        frac = torus.wrap(chart)
+        lattice = x_t[:, N, :6]
+        emb = self.embed(t, lattice)
+        # CSP: the element is known; de novo: only that an atom is there, its bits are read from x
+        ids = cond if not self.generate_types else real.long()
+        feats = [torus.fourier_features(frac, self.harmonics), torch.tanh(chart / 2)]
+        if self.generate_types:
+            feats.append(x_t[:, :N, 3:])
+        h = self.types(ids) + self.node(torch.cat(feats, dim=-1))
+        d = torus.periodic_displacement(frac[:, :, None], frac[:, None])  # [B, N, N, 3]
+        edge = torus.fourier_features(d, self.harmonics)
+        pair_mask = (real[:, :, None] & real[:, None]).float()
+        for layer in self.layers:
+            h = layer(h, edge, pair_mask, emb)
+        m = real[..., None].float()
+        pooled = torch.cat([(h * m).sum(1) / m.sum(1).clamp_min(1.0), emb], dim=-1)
+        v = torch.zeros_like(x_t)
+        v[:, :N, :3] = self.coord_out(h)
+        v[:, :N, 3:] = self.type_out(h)
+        v[:, N, :6] = self.lattice_out(pooled)
+        exact = (x_t - target_rows(cond, N).to(x_t.dtype)) / t.clamp_min(T_MIN)[:, None, None]
+        return torch.where(known_mask(cond, self.generate_types, N), exact, v)

@@ -1,0 +1,198 @@
+"""Physics of a crystal: periodic distances, validity checks, CHGNet energies and a proxy hull.
+
+CHGNet's weights ship in its wheel (v0.3.0); it is loaded once per process, offline. The proxy
+energy above hull is measured against a ``PhaseDiagram`` of CHGNet energies of reference entries
+(elemental references made here, plus the training crystals): a proxy, not the Materials Project
+hull, and it says so in every report.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import warnings
+
+import numpy as np
+
+MIN_DISTANCE = 0.5  # Å, CDVAE/DiffCSP structural validity
+MIN_VOLUME = 0.1  # Å^3
+MAX_VOLUME_PER_ATOM = 200.0  # Å^3: beyond, a structure has "exploded"; no potential is asked about it
+STABLE_EHULL = 0.1  # eV/atom: proxy-stable (MatterGen's metastability window)
+
+
+def min_periodic_distance(structure) -> float:
+    """Shortest distance between two sites, or between a site and its own periodic image (Å)."""
+    lattice = structure.lattice.get_lll_reduced_lattice()
+    shifts = np.array([[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1) if (i, j, k) != (0, 0, 0)])
+    self_image = float(np.linalg.norm(shifts @ lattice.matrix, axis=1).min())
+    if len(structure) < 2:
+        return self_image
+    d = structure.distance_matrix + np.eye(len(structure)) * 1e9
+    return float(min(d.min(), self_image))
+
+
+def structure_ok(structure) -> bool:
+    """CDVAE/DiffCSP structural validity: min periodic distance > 0.5 Å and volume > 0.1 Å^3."""
+    if structure is None or len(structure) == 0:
+        return False
+    volume = float(structure.volume)
+    if not np.isfinite(volume) or volume <= MIN_VOLUME:
+        return False
+    return min_periodic_distance(structure) > MIN_DISTANCE
+
+
+def composition_ok(structure) -> bool:
+    """SMACT charge neutrality + Pauling test (single elements and alloys pass), on the composition."""
+    return structure is not None and len(structure) > 0 and composition_valid(structure.composition)
+
+
+def composition_valid(composition) -> bool:
+    from smact.screening import smact_validity
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return bool(smact_validity(composition, use_pauling_test=True, include_alloys=True))
+
+
+def exploded(structure) -> bool:
+    """Structurally invalid or absurdly dilute: no potential is evaluated on it."""
+    return not structure_ok(structure) or structure.volume / len(structure) > MAX_VOLUME_PER_ATOM
+
+
+def structure_key(structure) -> str:
+    """A hash of species, lattice and coordinates (to 1e-5): the key of the energy cache."""
+    parts = [structure.lattice.matrix.round(5).tobytes(), structure.frac_coords.round(5).tobytes(),
+             " ".join(s.symbol for s in structure.species).encode()]
+    return hashlib.sha1(b"|".join(parts)).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def chgnet():
+    """CHGNet 0.3.0 from the wheel, on CPU (no download: the weights ship in the package)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from chgnet.model import CHGNet
+
+        return CHGNet.load(model_name="0.3.0", use_device="cpu", verbose=False)
+
+
+_ENERGY_CACHE: dict[str, dict] = {}
+
+
+def chgnet_predict(structures: list, batch_size: int = 16) -> list[dict | None]:
+    """Per structure {"e": eV/atom, "fmax": eV/Å, "frms": eV/Å}, or None where it exploded or the
+    prediction is not finite. Cached by ``structure_key`` so composed rewards call CHGNet once."""
+    out: list[dict | None] = [None] * len(structures)
+    todo = []
+    for i, s in enumerate(structures):
+        if s is None or exploded(s):
+            continue
+        key = structure_key(s)
+        if key in _ENERGY_CACHE:
+            out[i] = _ENERGY_CACHE[key]
+        else:
+            todo.append((i, key))
+    if todo:
+        preds = _predict_guarded([structures[i] for i, _ in todo], batch_size)
+        for (i, key), p in zip(todo, preds):
+            if p is None:  # CHGNet refused it (e.g. an isolated atom): counted as invalid
+                continue
+            forces = np.asarray(p["f"], dtype=float)
+            norms = np.linalg.norm(forces, axis=1)
+            result = {"e": float(p["e"]), "fmax": float(norms.max()), "frms": float(np.sqrt((norms**2).mean()))}
+            if all(np.isfinite(v) for v in result.values()):
+                _ENERGY_CACHE[key] = result
+                out[i] = result
+    if len(_ENERGY_CACHE) > 200_000:
+        _ENERGY_CACHE.clear()
+    return out
+
+
+def _predict_guarded(structures: list, batch_size: int) -> list:
+    """CHGNet on a batch; where the batch fails, one by one, with None for each that fails."""
+    model = chgnet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            preds = model.predict_structure(structures, task="ef", batch_size=batch_size)
+            return preds if isinstance(preds, list) else [preds]
+        except Exception:  # noqa: BLE001 - CHGNet raises on isolated atoms and similar; find which
+            out = []
+            for s in structures:
+                try:
+                    out.append(model.predict_structure(s, task="ef"))
+                except Exception:  # noqa: BLE001
+                    out.append(None)
+            return out
+
+
+class ProxyHull:
+    """Energy above a convex hull of CHGNet energies, one ``PhaseDiagram`` per chemical system.
+
+    ``entries`` are (reduced formula or Composition, energy per atom) of the references: elemental
+    references for every element (so every system has its corners) plus known crystals.
+    """
+
+    def __init__(self, entries: list[tuple[str, float]]):
+        from pymatgen.core import Composition
+
+        self._by_elements: dict[frozenset, list] = {}
+        for formula, e in entries:
+            comp = Composition(formula)
+            self._by_elements.setdefault(frozenset(el.symbol for el in comp.elements), []).append((comp, e))
+        self._diagrams: dict[frozenset, object] = {}
+
+    def _diagram(self, elements: frozenset):
+        if elements not in self._diagrams:
+            from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+
+            entries = [PDEntry(c, e * c.num_atoms) for key, group in self._by_elements.items() if key <= elements
+                       for c, e in group]
+            try:
+                self._diagrams[elements] = PhaseDiagram(entries)
+            except Exception:  # noqa: BLE001 - a missing elemental corner: no hull for this system
+                self._diagrams[elements] = None
+        return self._diagrams[elements]
+
+    def e_above_hull(self, composition, energy_per_atom: float) -> float | None:
+        """Proxy E_hull in eV/atom (negative = below the reference hull), or None without a hull."""
+        from pymatgen.analysis.phase_diagram import PDEntry
+
+        elements = frozenset(el.symbol for el in composition.elements)
+        pd = self._diagram(elements)
+        if pd is None:
+            return None
+        entry = PDEntry(composition, energy_per_atom * composition.num_atoms)
+        _, e = pd.get_decomp_and_e_above_hull(entry, allow_negative=True, check_stable=False)
+        return float(e)
+
+
+_HULL: list = []
+
+
+def use_hull(hull: ProxyHull) -> None:
+    """Make ``hull`` the reference of the E_hull rewards and the evaluator in this process."""
+    _HULL[:] = [hull]
+
+
+def reference_hull() -> ProxyHull:
+    """The reference hull in use; by default the one of the default crystals data set (its
+    elemental references and training crystals), generated on first use if not cached."""
+    if not _HULL:
+        from flowcoach.domains.crystals.data import GenConfig, load_dataset, split
+
+        data = load_dataset(GenConfig())
+        use_hull(hull_from_data(data, split(data, "train")))
+    return _HULL[0]
+
+
+def hull_from_data(data: dict, crystals: list) -> ProxyHull:
+    entries = [(el, e) for el, e in data["elements"].items()]
+    from collections import Counter
+
+    from pymatgen.core import Composition
+
+    entries += [(Composition(Counter(c.species)), c.energy) for c in crystals]
+    return ProxyHull(entries)

@@ -1,0 +1,110 @@
+"""Rewards of the crystals domain, on pymatgen ``Structure`` objects (None = undecodable sample).
+
+Every reward gives a structure it cannot score (None, structurally invalid, exploded, or where
+CHGNet's prediction is not finite) a defined floor value and counts it in ``info``:
+
+| name | score | floor |
+|---|---|---|
+| crystal-structure | 1 if min periodic distance > 0.5 Å and volume > 0.1 Å^3, else 0 | 0 |
+| crystal-smact | 1 if SMACT-valid (charge neutral + Pauling), else 0 | 0 |
+| crystal-valid | 1 if both of the above, else 0 | 0 |
+| crystal-energy | -CHGNet energy per atom, clipped to [-5, 10] | -5 |
+| crystal-ehull | -proxy energy above hull (CHGNet, eV/atom), clipped to [-5, 1] | -5 |
+| crystal-force | -max CHGNet force norm (eV/Å), clipped to [-5, 0] | -5 |
+| crystal-stable | 1 if the proxy E_hull <= 0.1 eV/atom, else 0 | 0 |
+| crystal-volume | 0 inside 8-50 Å^3/atom, else -abs(ln(V/atom / nearest bound)), clipped to [-5, 0] | -5 |
+
+crystal-volume is the guard against the hack seen in the first RL run: a policy whose structures
+are poor lowers CHGNet's E_hull by swelling its cells toward isolated atoms (valid by distance,
+less bad in energy). The window is the training crystals' range (1st-95th percentile 9-50).
+
+CHGNet is called once per structure per process (results are cached), however many of these rewards
+are composed. The proxy hull is the domain's (its elemental references and training crystals).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from flowcoach.domains.crystals import physics
+
+ENERGY_FLOOR, EHULL_FLOOR, FORCE_FLOOR = -5.0, -5.0, -5.0
+
+
+def _binary(objects: list, test) -> tuple[torch.Tensor, dict]:
+    ok = [s is not None and test(s) for s in objects]
+    return torch.tensor(ok, dtype=torch.float32), {"invalid": sum(not v for v in ok),
+                                                   "undecodable": sum(s is None for s in objects)}
+
+
+def structure_validity(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
+    return _binary(objects, physics.structure_ok)
+
+
+def composition_validity(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
+    return _binary(objects, physics.composition_ok)
+
+
+def validity(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
+    return _binary(objects, lambda s: physics.structure_ok(s) and physics.composition_ok(s))
+
+
+def _scored(objects: list, value, floor: float, low: float, high: float) -> tuple[torch.Tensor, dict]:
+    """Apply value(structure, prediction) -> float | None to CHGNet's predictions, with the floor."""
+    preds = physics.chgnet_predict(objects)
+    scores, invalid = [], 0
+    for s, p in zip(objects, preds):
+        v = value(s, p) if p is not None else None
+        if v is None or not np.isfinite(v):
+            scores.append(floor)
+            invalid += 1
+        else:
+            scores.append(float(np.clip(v, low, high)))
+    exploded = sum(s is None or physics.exploded(s) for s in objects)
+    return torch.tensor(scores, dtype=torch.float32), {"invalid": invalid, "exploded": exploded}
+
+
+def energy(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
+    return _scored(objects, lambda s, p: -p["e"], ENERGY_FLOOR, ENERGY_FLOOR, 10.0)
+
+
+def _ehull(s, p):
+    e = physics.reference_hull().e_above_hull(s.composition, p["e"])
+    return None if e is None else e
+
+
+def ehull(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
+    def value(s, p):
+        e = _ehull(s, p)
+        return None if e is None else -e
+    return _scored(objects, value, EHULL_FLOOR, EHULL_FLOOR, 1.0)
+
+
+def stable(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
+    def value(s, p):
+        e = _ehull(s, p)
+        return None if e is None else float(e <= physics.STABLE_EHULL)
+    return _scored(objects, value, 0.0, 0.0, 1.0)
+
+
+VOLUME_WINDOW = (8.0, 50.0)  # Å^3 per atom
+
+
+def volume(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
+    scores, outside = [], 0
+    for s in objects:
+        v = s.volume / len(s) if s is not None and len(s) else float("nan")
+        if not np.isfinite(v) or v <= 0:
+            scores.append(-5.0)
+            outside += 1
+            continue
+        lo, hi = VOLUME_WINDOW
+        gap = np.log(lo / v) if v < lo else np.log(v / hi) if v > hi else 0.0
+        outside += gap > 0
+        scores.append(float(max(-gap, -5.0)))
+    return torch.tensor(scores, dtype=torch.float32), {"invalid": outside}
+
+
+def force(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
+    return _scored(objects, lambda s, p: -p["fmax"], FORCE_FLOOR, FORCE_FLOOR, 0.0)

@@ -1,0 +1,307 @@
+"""Crystals domain: torus math, periodic distance, rewards on valid/overlapping/absurd structures,
+CIF round trip, the model's closed-form rows, check_domain, and a short pretraining run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("pymatgen")
+pytest.importorskip("smact")
+pytest.importorskip("chgnet")
+pytest.importorskip("pyxtal")
+
+from pymatgen.core import Lattice, Structure  # noqa: E402
+
+from flowcoach.domains.crystals import CrystalsDNGDomain, CrystalsDomain, physics, torus  # noqa: E402
+from flowcoach.domains.crystals.data import (  # noqa: E402
+    FEATURES, N_MAX, Crystal, GenConfig, crystal_from_structure, encode, from_bits, to_bits)
+from flowcoach.domains.crystals.decode import decode, save_structures  # noqa: E402
+from flowcoach.domains.crystals.model import CrystalVelocity  # noqa: E402
+
+TINY = GenConfig(seed=3, perovskites=10, random_compositions=4, tries=2, relax_steps=1)
+
+
+@pytest.fixture(scope="module")
+def domain(tmp_path_factory):
+    import os
+
+    old = os.environ.get("FLOWCOACH_CACHE")
+    os.environ["FLOWCOACH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    d = CrystalsDomain(gen=TINY, copies=2, width=16, depth=1, sevenn=False)
+    d._load()
+    yield d
+    if old is None:
+        os.environ.pop("FLOWCOACH_CACHE", None)
+    else:
+        os.environ["FLOWCOACH_CACHE"] = old
+
+
+def rocksalt(a: float = 5.64) -> Structure:
+    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(a), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+
+# ------------------------------------------------------------------------------- torus math
+def test_wrap_and_periodic_displacement_by_hand():
+    f0 = np.array([0.9, 0.1, 0.5])
+    f1 = np.array([0.1, 0.8, 0.5])
+    assert np.allclose(torus.wrap(np.array([1.25, -0.25, 3.0])), [0.25, 0.75, 0.0])
+    assert np.allclose(torus.periodic_displacement(f0, f1), [0.2, -0.3, 0.0])  # across the faces
+    assert np.allclose(torus.periodic_displacement(torch.tensor(f0), torch.tensor(f1)).numpy(), [0.2, -0.3, 0.0])
+
+
+def test_wrapped_interpolation_and_velocity_by_hand():
+    f0, f1 = np.array([0.9, 0.1, 0.3]), np.array([0.1, 0.8, 0.6])
+    # halfway: 0.9 + 0.1 = 1.0 -> 0.0; 0.1 - 0.15 = -0.05 -> 0.95; 0.3 + 0.15 = 0.45
+    assert np.allclose(torus.wrapped_interpolation(f0, f1, 0.5), [0.0, 0.95, 0.45])
+    assert np.allclose(torus.wrapped_interpolation(f0, f1, 0.0), f0)
+    assert np.allclose(torus.wrapped_interpolation(f0, f1, 1.0), f1)
+    h = 1e-6  # the velocity is the derivative of the path (on the torus)
+    fd = torus.periodic_displacement(torus.wrapped_interpolation(f0, f1, 0.3),
+                                     torus.wrapped_interpolation(f0, f1, 0.3 + h)) / h
+    assert np.allclose(fd, torus.torus_velocity(f0, f1), atol=1e-4)
+    assert np.allclose(torus.torus_velocity(f0, f1), [0.2, -0.3, 0.3])
+
+
+def test_euclidean_path_from_the_nearest_image_is_the_torus_geodesic():
+    rng = np.random.default_rng(0)
+    f0, eps = rng.random((50, 3)), rng.normal(size=(50, 3))
+    img = torus.nearest_image(f0, eps)
+    assert np.allclose(torus.wrap(img), f0)
+    assert np.allclose(eps - img, torus.periodic_displacement(f0, eps))  # Euclidean velocity = torus velocity
+    for t in (0.0, 0.3, 0.7, 1.0):
+        euclid = torus.wrap((1 - t) * img + t * eps)
+        geo = torus.wrapped_interpolation(f0, torus.wrap(eps), t)
+        assert np.allclose(torus.periodic_displacement(euclid, geo), 0.0, atol=1e-9)
+
+
+def test_lift_wraps_back_and_weights_images_by_the_prior():
+    rng = np.random.default_rng(1)
+    f = np.full((20000, 3), 0.5)
+    lifted = torus.lift(f, rng)
+    assert np.allclose(torus.wrap(lifted), f)
+    share = [(lifted == v).mean() for v in (-0.5, 0.5, 1.5)]
+    assert abs(share[0] - share[1]) < 0.02  # phi(-0.5) = phi(0.5)
+    expected = np.exp(-0.5 * 1.5**2) / sum(np.exp(-0.5 * (0.5 + k) ** 2) for k in range(-3, 4))
+    assert abs(share[2] - expected) < 0.01
+
+
+def test_fourier_features_are_periodic():
+    d = torch.tensor([[0.2, -0.3, 0.45]])
+    assert torch.allclose(torus.fourier_features(d, 3), torus.fourier_features(d + torch.tensor([1.0, -2.0, 3.0]), 3), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- distances, encoding
+def test_min_periodic_distance_across_faces_and_self_image():
+    s = Structure(Lattice.cubic(10.0), ["Na", "Cl"], [[0.01, 0.5, 0.5], [0.99, 0.5, 0.5]])
+    assert physics.min_periodic_distance(s) == pytest.approx(0.2, abs=1e-6)
+    assert physics.min_periodic_distance(Structure(Lattice.cubic(3.0), ["Cu"], [[0, 0, 0]])) == pytest.approx(3.0)
+    assert physics.min_periodic_distance(rocksalt()) == pytest.approx(5.64 / 2)
+
+
+def test_bits_round_trip():
+    idx = np.arange(0, 50)
+    assert (from_bits(to_bits(idx)) == idx).all()
+    assert (from_bits(to_bits(idx) * 0.7 + 0.1) == idx).all()  # the sign decides
+
+
+def test_encode_decode_and_cif_round_trip(tmp_path):
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+    from pymatgen.io.cif import CifParser
+
+    s = rocksalt().get_primitive_structure()
+    x, comp = encode([crystal_from_structure(s, -3.0, "test")], copies=3, seed=0)
+    assert x.shape == (3, N_MAX + 1, FEATURES) and comp.shape == (3, N_MAX)
+    assert not torch.equal(x[0, :2, :3], x[1, :2, :3]) or not torch.equal(x[1, :2, :3], x[2, :2, :3])  # lifted
+    objects = decode(x)
+    matcher = StructureMatcher()
+    assert all(o is not None and matcher.fit(o, s) for o in objects)
+    files = save_structures(objects, torch.tensor([1.0, 0.5, 0.0]), tmp_path)
+    back = CifParser(files[1]).parse_structures(primitive=False)[0]
+    assert matcher.fit(back, s)
+    assert json.loads(files[0].read_text())[0]["formula"] == "NaCl"
+
+
+def test_decode_rejects_absurd_samples():
+    x = torch.zeros(3, N_MAX + 1, FEATURES)
+    x[:, :, 3:] = -1.0  # every row padding
+    x[1, 0, 3:] = torch.tensor(to_bits(np.array(2)))
+    x[1, N_MAX, 3:6] = 5.0  # angles of 190 degrees
+    x[2, 0, 0] = float("nan")
+    assert decode(x) == [None, None, None]
+
+
+# ------------------------------------------------------------------------------- rewards
+@pytest.fixture(scope="module")
+def nacl_references():
+    from flowcoach.domains.crystals.data import elemental_references
+
+    return list(elemental_references({"Na", "Cl"}).items())
+
+
+@pytest.fixture
+def nacl_hull(nacl_references):
+    old = list(physics._HULL)
+    physics.use_hull(physics.ProxyHull(nacl_references))
+    yield
+    physics._HULL[:] = old
+
+
+def _three():
+    valid = rocksalt()
+    overlap = Structure(Lattice.cubic(5.0), ["Na", "Cl"], [[0, 0, 0], [0.04, 0, 0]])  # 0.2 Å apart
+    absurd = Structure(Lattice.cubic(60.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])  # 1e5 Å^3 / atom
+    return [valid, overlap, absurd, None]
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("crystal-structure", [1, 0, 1, 0]), ("crystal-smact", [1, 1, 1, 0]), ("crystal-valid", [1, 0, 1, 0])])
+def test_validity_rewards(name, expected):
+    from flowcoach.rewards import build_reward
+
+    scores, info = build_reward({name: 1.0})(_three(), None)
+    assert scores.tolist() == expected
+    assert info[f"{name}/invalid"] == expected.count(0)
+
+
+def test_smact_rejects_a_charged_composition():
+    from flowcoach.rewards.crystals import composition_validity
+
+    s = Structure(Lattice.cubic(5.0), ["Na", "Cl", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5], [0, 0.5, 0.5]])
+    assert composition_validity([s], None)[0].tolist() == [0.0]
+
+
+@pytest.mark.parametrize("name,floor", [("crystal-energy", -5.0), ("crystal-ehull", -5.0), ("crystal-force", -5.0),
+                                        ("crystal-stable", 0.0)])
+def test_potential_rewards_floor_and_count_bad_structures(name, floor, nacl_hull):
+    from flowcoach.rewards import build_reward
+
+    scores, info = build_reward({name: 1.0})(_three(), None)
+    assert torch.isfinite(scores).all()
+    assert scores[1:].tolist() == [floor] * 3  # overlapping, exploded, undecodable
+    assert info[f"{name}/invalid"] == 3 and info[f"{name}/exploded"] == 3
+    if name == "crystal-energy":
+        assert -5.0 < -scores[0] < -2.0  # CHGNet: rocksalt NaCl about -3.4 eV/atom
+    if name == "crystal-ehull":
+        assert scores[0] > 0.5  # far below the elemental hull
+    if name == "crystal-force":
+        assert scores[0] > -0.05  # a symmetric minimum: no force
+    if name == "crystal-stable":
+        assert scores[0] == 1.0
+
+
+def test_squeezed_crystal_has_higher_energy_and_forces(nacl_hull):
+    from flowcoach.rewards.crystals import ehull, force
+
+    squeezed = rocksalt(4.6)
+    squeezed.perturb(0.05, min_distance=0.01)
+    e, _ = ehull([rocksalt(), squeezed], None)
+    f, _ = force([rocksalt(), squeezed], None)
+    assert e[0] > e[1] and f[0] > f[1]
+
+
+# ------------------------------------------------------------------------------- model and domain
+def test_model_closed_form_rows_and_permutation_equivariance():
+    torch.manual_seed(0)
+    model = CrystalVelocity(width=16, depth=2)
+    cond = torch.zeros(2, N_MAX, dtype=torch.long)
+    cond[0, :5] = torch.tensor([1, 2, 42, 42, 42])
+    cond[1, :2] = torch.tensor([3, 45])
+    x = torch.randn(2, N_MAX + 1, FEATURES)
+    t = torch.tensor([0.5, 0.25])
+    v = model(x, t, cond)
+    assert v.shape == x.shape
+    # padding row -> sentinel (0, 0, 0, bits(0)), type bits -> the composition's: (x - c) / t
+    assert torch.allclose(v[1, 5], (x[1, 5] - torch.tensor([0, 0, 0, *to_bits(np.array(0))])) / 0.25)
+    assert torch.allclose(v[0, 2, 3:], (x[0, 2, 3:] - torch.tensor(to_bits(np.array(42)))) / 0.5)
+    assert torch.allclose(v[0, N_MAX, 6:], x[0, N_MAX, 6:] / 0.5)
+    perm = torch.tensor([2, 0, 4, 1, 3])
+    xp, cp = x.clone(), cond.clone()
+    xp[0, :5], cp[0, :5] = x[0, perm], cond[0, perm]
+    vp = model(xp, t, cp)
+    assert torch.allclose(vp[0, :5], v[0, perm], atol=1e-5)
+    assert torch.allclose(vp[0, N_MAX], v[0, N_MAX], atol=1e-5)
+
+
+def test_dng_model_predicts_types():
+    model = CrystalVelocity(width=16, depth=1, generate_types=True)
+    cond = torch.zeros(1, N_MAX, dtype=torch.long)
+    cond[0, :2] = 1
+    x = torch.randn(1, N_MAX + 1, FEATURES)
+    v = model(x, torch.tensor([0.5]), cond)
+    assert not torch.allclose(v[0, 0, 3:], (x[0, 0, 3:] - torch.tensor(to_bits(np.array(1)))) / 0.5)
+
+
+def test_check_domain(domain):
+    from flowcoach.core.domain import check_domain
+
+    passed = check_domain(domain)
+    assert "reward is finite on random samples" in passed and "save writes files" in passed
+
+
+def test_check_domain_dng(domain):
+    from flowcoach.core.domain import check_domain
+
+    dng = CrystalsDNGDomain(gen=TINY, copies=1, width=16, depth=1, sevenn=False)
+    assert "model output has the input's shape" in check_domain(dng)
+
+
+def test_data_is_deterministic_and_valid(domain):
+    x0, cond = domain.data("train")
+    again = CrystalsDomain(gen=TINY, copies=2).data("train")
+    assert torch.equal(x0, again[0]) and torch.equal(cond, again[1])
+    objects = decode(x0)
+    assert all(o is not None and physics.structure_ok(o) and physics.composition_ok(o) for o in objects)
+    assert (cond > 0).sum(1).max() <= N_MAX
+
+
+def test_pretrain_and_evaluate_run_on_cpu(domain, tmp_path):
+    from flowcoach.core.checkpoint import load_base
+    from flowcoach.core.pretrain import PretrainConfig, pretrain
+
+    out = pretrain(PretrainConfig(domain="crystals", steps=30, batch_size=16, output=str(tmp_path / "base"),
+                                  eval_samples=8, eval_num_steps=4), domain=domain)
+    record = json.loads((out / "base.json").read_text())
+    assert np.isfinite(record["final_loss"])
+    metrics = record["eval"]["metrics"]
+    for key in ("struct_valid", "comp_valid", "proxy_stable_rate", "unique_rate", "sun_rate", "csp_match_rate"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["comp_valid"] == 1.0  # structure prediction keeps the (valid) composition
+    load_base(domain, out)
+
+
+@pytest.mark.slow
+def test_shipped_base_meets_its_recorded_figures():
+    from flowcoach.core.checkpoint import load_base
+    from flowcoach.core.trainer import evaluate_model
+
+    d = CrystalsDomain(sevenn=False)
+    if d.base_checkpoint() is None:
+        pytest.skip("no shipped base")
+    model, record = load_base(d)
+    ev = record["eval"]
+    metrics, _, _ = evaluate_model(model, d, min(ev["num_samples"], 200), ev["num_steps"])
+    assert metrics["struct_valid"] >= ev["metrics"]["struct_valid"] - 0.08
+
+
+def test_a_structure_chgnet_refuses_scores_the_floor_and_is_counted(nacl_hull):
+    from flowcoach.rewards.crystals import energy
+
+    # valid by distance and volume (197 Å^3/atom), but one atom has no neighbour (nor image) within CHGNet's 6 Å
+    isolated = Structure(Lattice.orthorhombic(6.5, 6.5, 14), ["Na", "Cl", "Na"], [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5]])
+    assert physics.structure_ok(isolated) and not physics.exploded(isolated)
+    scores, info = energy([rocksalt(), isolated], None)
+    assert scores[1] == -5.0 and info == {"invalid": 1, "exploded": 0}
+
+
+def test_volume_window_penalises_swollen_and_crushed_cells():
+    from flowcoach.rewards.crystals import volume
+
+    swollen = Structure(Lattice.cubic(10.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])  # 500 Å^3/atom
+    crushed = Structure(Lattice.cubic(2.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])  # 4 Å^3/atom
+    scores, info = volume([rocksalt(), swollen, crushed, None], None)
+    assert scores[0] == 0.0 and scores[3] == -5.0 and info["invalid"] == 3
+    assert scores[1] == pytest.approx(-np.log(10.0)) and scores[2] == pytest.approx(-np.log(2.0))
