@@ -4,7 +4,7 @@
 # Usage: bash benchmarks/grasping/run.sh [RL_STEPS]   (from the repository root)
 set -euo pipefail
 export OMP_NUM_THREADS=1
-RL_STEPS=${1:-350}
+RL_STEPS=${1:-450}
 FC=.venv/bin/flowcoach
 mkdir -p runs
 
