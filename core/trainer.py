@@ -25,9 +25,9 @@ from flowcoach.core.domain import Domain, get_domain
 from flowcoach.core.losses import clipped_ratio_loss, kl_to_reference
 from flowcoach.core.policy import FlowPolicy, unwrap
 from flowcoach.core.registry import ADVANTAGES, ALGORITHMS, NOISE_LAWS, FlowcoachError, normalize_name
-from flowcoach.core.sampling.laws import gaussian_log_prob, law_mean_std
-from flowcoach.core.sampling.rollout import Rollout, index_cond
-from flowcoach.core.sampling.sampler import sample, time_grid, window_mask
+from flowcoach.core.sampling.laws import law_mean_std
+from flowcoach.core.sampling.rollout import Rollout, cond_to, index_cond
+from flowcoach.core.sampling.sampler import pair_log_probs, sample, time_grid, window_mask
 
 
 # ----------------------------------------------------------------------------- batch arithmetic
@@ -151,25 +151,9 @@ def collect_rollout(policy: FlowPolicy, domain: Domain, cfg: TrainConfig, step: 
     cond = repeat_cond(index_cond(all_cond, groups), cfg.group_size)
     group_ids = groups.repeat_interleave(cfg.group_size)
     x1, noise = group_noise(cfg, tuple(domain.sample_shape), groups, step)
-    return sample(unwrap(policy.model), x1.to(device), time_grid(s.num_steps, s.shift), cond=_to(cond, device),
+    return sample(unwrap(policy.model), x1.to(device), time_grid(s.num_steps, s.shift), cond=cond_to(cond, device),
                   law=s.law, noise_level=s.noise_level, stochastic=mask.expand(len(group_ids), -1),
                   group_ids=group_ids, reduction=s.logprob_reduction, ode_solver=s.ode_solver, noise=noise)
-
-
-def _to(cond, device):
-    from flowcoach.core.sampling.rollout import cond_to
-
-    return cond_to(cond, device)
-
-
-def pair_log_probs(velocity, rollout: Rollout, pairs: torch.Tensor):
-    """Log-probs [N] of the stored transitions of (sample, step) pairs under ``velocity``, and their means."""
-    i, j = pairs[:, 0], pairs[:, 1]
-    x, x_next = rollout.states[i, j], rollout.states[i, j + 1]
-    t, t_next = rollout.timesteps[j], rollout.timesteps[j + 1]
-    v = velocity(x, t, index_cond(rollout.cond, i)).float()
-    mean, std = law_mean_std(rollout.law, x, v, t, t_next, rollout.noise_level)
-    return gaussian_log_prob(x_next, mean, std, rollout.reduction), mean, std
 
 
 def pair_losses(policy: FlowPolicy, rollout: Rollout, pairs: torch.Tensor, advantages: torch.Tensor,
@@ -201,7 +185,7 @@ def generate(model, domain: Domain, cond, num_steps: int, shift: float = 1.0, se
     n = cond.shape[0] if isinstance(cond, torch.Tensor) else len(next(iter(cond.values())))
     g = torch.Generator().manual_seed(seed)
     x1 = torch.randn((n, *domain.sample_shape), generator=g).to(device)
-    rollout = sample(unwrap(model), x1, time_grid(num_steps, shift), cond=_to(cond, device), law="ode",
+    rollout = sample(unwrap(model), x1, time_grid(num_steps, shift), cond=cond_to(cond, device), law="ode",
                      noise_level=0.0, ode_solver=solver)
     return rollout.samples
 
@@ -412,7 +396,7 @@ def rl_step(policy, optimizer, accelerator, domain, cfg: TrainConfig, plan: Batc
     else:
         rollout = collect_rollout(policy, domain, cfg, step, device, plan.world_size, rank)
         sample_owner, object_groups = None, rollout.group_ids.cpu()
-        cond_cpu = _to(rollout.cond, "cpu")
+        cond_cpu = cond_to(rollout.cond, "cpu")
         objects = domain.decode(rollout.samples.cpu())
     t1 = time.perf_counter()
     rewards, reward_info = reward_fn(objects, cond_cpu)

@@ -13,7 +13,7 @@ import torch
 
 from flowcoach.core.registry import FlowcoachError
 from flowcoach.core.sampling.laws import gaussian_log_prob, law_mean_std, ode_step
-from flowcoach.core.sampling.rollout import Rollout
+from flowcoach.core.sampling.rollout import Rollout, index_cond
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
@@ -63,17 +63,6 @@ def window_mask(
     start = int(torch.randint(lo, hi, (1,), generator=generator))
     mask[:, start : start + window_size] = True
     return mask
-
-
-def initial_noise(
-    shape: tuple[int, ...], group_ids: torch.Tensor, same_noise_in_group: bool, generator: torch.Generator
-) -> torch.Tensor:
-    """x at t = 1: standard normal per sample, or one draw shared by every member of a group."""
-    if not same_noise_in_group:
-        return torch.randn(shape, generator=generator)
-    unique, inverse = torch.unique(group_ids, return_inverse=True)
-    per_group = torch.randn((len(unique), *shape[1:]), generator=generator)
-    return per_group[inverse]
 
 
 def deterministic_step(velocity: VelocityFn, x, v, t, t_next, cond, solver: str):
@@ -174,15 +163,12 @@ def sample(
     )
 
 
-def step_mean_std(velocity: VelocityFn, rollout: Rollout, sample_idx: torch.Tensor, step_idx: torch.Tensor, cond: Any):
-    """Recompute the transition mean/std of (sample, step) pairs under a (possibly updated) model.
-
-    Returns (mean, std, x_next, v): x_next is the stored next state, v the model's velocity.
-    """
-    x = rollout.states[sample_idx, step_idx]
-    x_next = rollout.states[sample_idx, step_idx + 1]
-    t = rollout.timesteps[step_idx]
-    t_next = rollout.timesteps[step_idx + 1]
-    v = velocity(x, t, cond).float()
+def pair_log_probs(velocity: VelocityFn, rollout: Rollout, pairs: torch.Tensor):
+    """Log-probs [N] of the stored transitions of (sample, step) ``pairs`` [N, 2] under ``velocity``
+    (e.g. an updated model), with the transition means and stds."""
+    i, j = pairs[:, 0], pairs[:, 1]
+    x, x_next = rollout.states[i, j], rollout.states[i, j + 1]
+    t, t_next = rollout.timesteps[j], rollout.timesteps[j + 1]
+    v = velocity(x, t, index_cond(rollout.cond, i)).float()
     mean, std = law_mean_std(rollout.law, x, v, t, t_next, rollout.noise_level)
-    return mean, std, x_next, v
+    return gaussian_log_prob(x_next, mean, std, rollout.reduction), mean, std

@@ -120,14 +120,13 @@ def test_cps_keeps_the_mean_and_is_exact_when_the_prediction_is():
 
 
 def test_rollout_log_probs_recompute_exactly():
-    from flowcoach.core.sampling.sampler import step_mean_std
+    from flowcoach.core.sampling.sampler import pair_log_probs
 
     g = torch.Generator().manual_seed(4)
     r = sample(gaussian_velocity(), torch.randn(16, 2, generator=g), time_grid(6), law="flow-sde",
                noise_level=0.7, generator=g)
     pairs = r.trained_pairs()
-    mean, std, x_next, _ = step_mean_std(gaussian_velocity(), r, pairs[:, 0], pairs[:, 1], None)
-    lp = gaussian_log_prob(x_next, mean, std, r.reduction)
+    lp, _, _ = pair_log_probs(gaussian_velocity(), r, pairs)
     torch.testing.assert_close(lp, r.log_probs[pairs[:, 0], pairs[:, 1]], rtol=0, atol=1e-6)
 
 
