@@ -331,6 +331,8 @@ def train(cfg: TrainConfig, domain: Domain | None = None, console=None) -> Path:
         ckpt = Path(cfg.resume) if (Path(cfg.resume) / "state.json").exists() else checkpoints[-1]
         start = load_checkpoint(ckpt, unwrap(policy.model), optimizer, policy.ema)["step"]
         say(f"resuming {run_dir} from {ckpt.name} (step {start})")
+        if accelerator.is_main_process:  # the run's config now says how far it is meant to go
+            save_yaml(cfg, run_dir / "config.yaml")
     else:
         from accelerate.utils import broadcast_object_list
 

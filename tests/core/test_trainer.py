@@ -116,6 +116,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     first = train(small_config(tmp_path / "split", steps=2, **kwargs))
     resumed = train(small_config(tmp_path / "split", steps=4, resume="latest", **kwargs))
     assert resumed == first
+    assert "steps: 4" in (resumed / "config.yaml").read_text()
     # the split run evaluated at its end (step 2); everything else is the same, number for number
     without_eval = lambda rows: [{k: v for k, v in r.items() if not k.startswith("eval/")} for r in rows]
     assert without_eval(read_metrics(resumed)) == without_eval(read_metrics(straight))
