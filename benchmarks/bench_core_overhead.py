@@ -23,7 +23,7 @@ Measurements are interleaved (A B, then B A, ...) after a warm-up and summarised
 repeats, so slow drift or a busy neighbour hits both sides alike. Results: a markdown table on
 stdout and a JSON file (``--out``).
 
-    python benchmarks/bench_core_overhead.py --repeats 15 --threads 2 --out benchmarks/results/core_overhead.json
+    python benchmarks/bench_core_overhead.py --threads 2 --out benchmarks/results/core_overhead.json
 """
 
 from __future__ import annotations
@@ -277,13 +277,13 @@ def fmt_ms(s: float) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=15, help="timed rounds per measurement (after warm-up)")
+    p.add_argument("--repeats", type=int, default=25, help="timed rounds per measurement (after warm-up)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls of each side first")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--steps", type=int, default=10, help="sampling steps of the time grid")
     p.add_argument("--batches", type=int, nargs="+", default=[64, 256], help="rollout batch sizes (samples)")
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    p.add_argument("--budget", type=float, default=6.0,
+    p.add_argument("--budget", type=float, default=15.0,
                    help="seconds of timed rounds per measurement; stops early (>= 3 rounds) past it")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)

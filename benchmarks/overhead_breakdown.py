@@ -44,8 +44,7 @@ from flowcoach.core.losses import clipped_ratio_loss  # noqa: E402
 from flowcoach.core.policy import FlowPolicy  # noqa: E402
 from flowcoach.core.sampling.laws import LOG_SQRT_2PI, expand_like, flow_sde_sigma, reduce_dims  # noqa: E402
 from flowcoach.core.sampling.rollout import Rollout, index_cond  # noqa: E402
-from flowcoach.core.sampling.sampler import sample, time_grid, window_mask  # noqa: E402
-from flowcoach.core.sampling.sampler import pair_log_probs  # noqa: E402
+from flowcoach.core.sampling.sampler import pair_log_probs, sample, time_grid, window_mask  # noqa: E402
 from flowcoach.core.trainer import pair_losses  # noqa: E402
 
 
