@@ -57,7 +57,7 @@ def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) ->
     losses = []
     for step in range(cfg.steps):
         idx = torch.randint(0, x0.shape[0], (cfg.batch_size,), generator=g)
-        loss = flow_matching_loss(model, x0[idx], index_cond(cond, idx), generator=g)
+        loss = flow_matching_loss(model, x0[idx], index_cond(cond, idx), generator=g, couple=domain.couple)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
