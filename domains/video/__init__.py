@@ -104,7 +104,12 @@ class VideoDomain(Domain):
         return evaluate_clips(objects, conditions)
 
     def pretrain_defaults(self) -> dict:
-        return {"steps": 1600, "batch_size": 24, "lr": 1e-3, "eval_samples": 256, "eval_num_steps": 20}
+        return {"steps": 900, "batch_size": 24, "lr": 1e-3, "eval_samples": 256, "eval_num_steps": 20}
 
     def train_defaults(self) -> dict:
-        return {}
+        # sized for a CPU: 4 conditions x G = 8 clips per step; the SDE (and the update) on a window of
+        # 3 of the first 5 of 10 steps, where the clip's layout, i.e. the trajectory, is decided
+        # (Flow-GRPO-Fast / MixGRPO); LoRA rank 16 trains at a higher rate than full weights would
+        return {"groups_per_step": 4, "group_size": 8, "micro_batch": 96, "optim.lr": 1e-3,
+                "sampler.sde_window_size": 3, "sampler.sde_window_range": (0, 5), "sampler.eval_num_steps": 20,
+                "eval_samples": 256, "checkpoint_every": 10, "sample_every": 10}

@@ -55,21 +55,23 @@ from flowcoach.domains.video import decode_clips, physics
 
 
 def prompt_for(cond) -> str:
-    """A prompt describing a physics condition, with its initial state as fractions of the frame."""
+    """A prompt describing a physics condition: positions as fractions of the frame, speeds in pixels
+    (of a 32 px frame) per frame."""
     scene = physics.decode_condition(cond)
-    p = {k: v / physics.SIZE for k, v in scene.params.items()}
+    q = scene.params
+    p = {k: v / physics.SIZE for k, v in q.items()}
     if scene.name == "bounce":
-        side = "right" if scene.params["vx"] > 0 else "left"
+        side = "right" if q["vx"] > 0 else "left"
         return (f"a red ball on a black background is dropped from x {p['x0']:.2f} y {p['y0']:.2f} with a push to "
-                f"the {side} of {abs(p['vx']):.2f}, falls and bounces on a grey floor")
+                f"the {side} of {abs(q['vx']):.1f} pixels per frame, falls and bounces on a grey floor")
     if scene.name == "pendulum":
         return (f"a red pendulum bob on a grey rod of length {p['length']:.2f} swings under gravity, released at "
-                f"{scene.params['theta0']:.0f} degrees, black background")
+                f"{q['theta0']:.0f} degrees, black background")
     if scene.name == "collision":
         return (f"a red ball at x {p['x1']:.2f} and a blue ball at x {p['x2']:.2f} at height {p['y']:.2f} roll "
-                f"towards each other with speeds {p['v1']:.2f} and {-p['v2']:.2f} and collide, black background")
-    return (f"a green block slides on a grey floor from x {p['x0']:.2f} with speed {p['v0']:.2f} and friction stops "
-            f"it, black background")
+                f"towards each other at {q['v1']:.1f} and {-q['v2']:.1f} pixels per frame and collide, black background")
+    return (f"a green block slides on a grey floor from x {p['x0']:.2f} at {q['v0']:.1f} pixels per frame until "
+            f"friction stops it, black background")
 
 
 class PipelineVelocity(nn.Module):

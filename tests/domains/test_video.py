@@ -337,3 +337,22 @@ def test_shipped_base_reproduces_its_recorded_figures(shipped):
     metrics, _, _ = evaluate_model(model, domain, rec["num_samples"], rec["num_steps"], seed=rec["seed"])
     for key, value in rec["metrics"].items():
         assert metrics[key] == pytest.approx(value, abs=0.02), key
+
+
+def test_cli_train_applies_the_domain_defaults(tmp_path):
+    import yaml
+
+    from flowcoach.core.cli import main
+
+    domain = tiny_domain()
+    torch.manual_seed(0)
+    save_base(domain.build_model(**domain.model_config()), "video", domain.model_config(), {}, tmp_path / "base")
+    code = main(["train", "video", "--steps", "1", "--base", str(tmp_path / "base"), "--groups-per-step", "1",
+                 "--group-size", "2", "--eval-samples", "4", "--sampler.eval-num-steps", "4", "--output-dir",
+                 str(tmp_path / "runs"), "--no-tensorboard", "--device", "cpu"])
+    assert code == 0
+    run = next((tmp_path / "runs").iterdir())
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["sampler"]["sde_window_size"] == 3 and cfg["sampler"]["sde_window_range"] == [0, 5]
+    assert cfg["optim"]["lr"] == 1e-3 and cfg["group_size"] == 2  # the user's flag over the domain's
+    assert (run / "eval" / "samples" / "samples.gif").exists()
