@@ -18,7 +18,6 @@ DOMAINS.register("toy", "flowcoach.domains.toy:ToyDomain")
 DOMAINS.register("grasping", "flowcoach.domains.grasping:GraspingDomain")
 DOMAINS.register("molecules", "flowcoach.domains.molecules:MoleculesDomain")
 DOMAINS.register("crystals", "flowcoach.domains.crystals:CrystalsDomain")
-DOMAINS.register("video", "flowcoach.domains.video:VideoDomain")
 
 
 class Domain(ABC):
@@ -87,6 +86,15 @@ class Domain(ABC):
         Default: the independent coupling, x0 unchanged.
         """
         return x0
+
+    def pretrain_batch(self, num_samples: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """Indices [batch_size] of the next pretraining batch among the ``num_samples`` of data("train").
+
+        Default: uniform with replacement. A domain whose objects vary in size may draw batches of
+        one size (each sample still drawn with probability 1 / num_samples) so no compute goes to
+        padding.
+        """
+        return torch.randint(0, num_samples, (batch_size,), generator=generator)
 
     def pretrain_defaults(self) -> dict[str, Any]:
         """PretrainConfig fields this domain's base was made with (the CLI's defaults for it)."""
