@@ -14,7 +14,7 @@ SCENES = ("bounce", "pendulum", "collision", "slide")
 
 def main() -> None:
     print("| model | " + " | ".join(name for _, name in COLUMNS) + " | " + " | ".join(f"pass {s}" for s in SCENES)
-          + " | eval CPU s |")
+          + " | CPU s (train / eval) |")
     print("|---" * (len(COLUMNS) + len(SCENES) + 2) + "|")
     for label in ("simulator", "base", "rl"):
         path = RESULTS / f"video_{label}.json"
@@ -24,7 +24,8 @@ def main() -> None:
         m = rec["metrics"]
         cells = [f"{m[key]:.3f}" if key in m else "-" for key, _ in COLUMNS]
         cells += [f"{m[f'physics_pass/{s}']:.3f}" if f"physics_pass/{s}" in m else "-" for s in SCENES]
-        print(f"| {label} (n={rec['num_samples']}) | " + " | ".join(cells) + f" | {rec['eval_cpu_s']} |")
+        cpu = f"{rec.get('train_cpu_s', '-')} / {rec.get('eval_cpu_s', '-')}"
+        print(f"| {label} (n={rec['num_samples']}) | " + " | ".join(cells) + f" | {cpu} |")
 
 
 if __name__ == "__main__":

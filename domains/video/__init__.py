@@ -104,7 +104,7 @@ class VideoDomain(Domain):
         return evaluate_clips(objects, conditions)
 
     def pretrain_defaults(self) -> dict:
-        return {"steps": 900, "batch_size": 24, "lr": 1e-3, "eval_samples": 256, "eval_num_steps": 20}
+        return {"steps": 640, "batch_size": 16, "lr": 1e-3, "eval_samples": 256, "eval_num_steps": 20}
 
     def train_defaults(self) -> dict:
         # sized for a CPU: 4 conditions x G = 8 clips per step; the SDE (and the update) on a window of

@@ -209,7 +209,7 @@ def _slide(p, times):
 # ----------------------------------------------------------------------------- rendering
 def _grid(size: int):
     c = (np.arange(size) + 0.5) * (SIZE / size)  # pixel centres in the 32 px world
-    return c[None, None, :], c[None, :, None]  # xs [1, 1, W], ys [1, H, 1]: broadcast against frames [T, 1, 1]
+    return c[None, None, None, :], c[None, None, :, None]  # xs [1, 1, 1, W], ys [1, 1, H, 1] against [N, T, 1, 1]
 
 
 def _disc(xs, ys, cx, cy, r, scale):
@@ -223,9 +223,9 @@ def _square(xs, ys, cx, cy, h, scale):
     return ax * ay
 
 
-def _segment(xs, ys, a, b, width, scale):
-    """Coverage of segments from the point a to the points b [T, 1, 1, 2] (one per frame)."""
-    bx, by = b[..., 0] - a[0], b[..., 1] - a[1]
+def _segment(xs, ys, a, bx, by, width, scale):
+    """Coverage of the segments from the point a to the points (bx, by) [N, T, 1, 1]."""
+    bx, by = bx - a[0], by - a[1]
     u = np.clip(((xs - a[0]) * bx + (ys - a[1]) * by) / np.maximum(bx**2 + by**2, 1e-9), 0.0, 1.0)
     d = np.sqrt((xs - a[0] - u * bx) ** 2 + (ys - a[1] - u * by) ** 2)
     return np.clip((0.5 * width - d) / scale + 0.5, 0.0, 1.0)
@@ -233,7 +233,24 @@ def _segment(xs, ys, a, b, width, scale):
 
 def _paint(img, coverage, colour):
     img *= 1.0 - coverage[..., None]
-    img += coverage[..., None] * np.asarray(colour)
+    img += coverage[..., None] * np.asarray(colour, dtype=img.dtype)
+
+
+def _render_scene(name: str, traj: np.ndarray, size: int) -> np.ndarray:
+    """Clips [N, T, size, size, 3] of one scene from trajectories [N, objects, T, 2]."""
+    n, _, frames, _ = traj.shape
+    xs, ys = _grid(size)
+    scale = SIZE / size  # one output pixel in world units: the width of the anti-aliasing ramp
+    clip = np.zeros((n, frames, size, size, 3), dtype=np.float32)
+    if name in ("bounce", "slide"):
+        _paint(clip, np.broadcast_to(np.clip((ys - FLOOR) / scale + 0.5, 0.0, 1.0), clip.shape[:4]), GREY)
+    if name == "pendulum":
+        _paint(clip, _segment(xs, ys, PIVOT, traj[:, 0, :, 0, None, None], traj[:, 0, :, 1, None, None], 1.0, scale), GREY)
+    for k, (colour, shape) in enumerate(OBJECTS[name]):
+        cx, cy = traj[:, k, :, 0, None, None], traj[:, k, :, 1, None, None]
+        cover = _disc(xs, ys, cx, cy, RADIUS, scale) if shape == "disc" else _square(xs, ys, cx, cy, HALF, scale)
+        _paint(clip, cover.astype(np.float32), COLOURS[colour])
+    return clip
 
 
 def render(cond, size: int = SIZE, frames: int = FRAMES, trajectory: np.ndarray | None = None) -> np.ndarray:
@@ -244,24 +261,17 @@ def render(cond, size: int = SIZE, frames: int = FRAMES, trajectory: np.ndarray 
     """
     scene = decode_condition(cond)
     traj = simulate(cond, frames) if trajectory is None else np.asarray(trajectory, dtype=np.float64)
-    xs, ys = _grid(size)
-    scale = SIZE / size  # one output pixel in world units: the width of the anti-aliasing ramp
-    clip = np.zeros((frames, size, size, 3), dtype=np.float64)
-    if scene.name in ("bounce", "slide"):
-        _paint(clip, np.broadcast_to(np.clip((ys - FLOOR) / scale + 0.5, 0.0, 1.0), (frames, size, size)), GREY)
-    if scene.name == "pendulum":
-        _paint(clip, _segment(xs, ys, PIVOT, traj[0][:, None, None, :], 1.0, scale), GREY)
-    for k, (colour, shape) in enumerate(OBJECTS[scene.name]):
-        cx, cy = traj[k, :, 0, None, None], traj[k, :, 1, None, None]
-        cover = _disc(xs, ys, cx, cy, RADIUS, scale) if shape == "disc" else _square(xs, ys, cx, cy, HALF, scale)
-        _paint(clip, cover, COLOURS[colour])
-    return clip.astype(np.float32)
+    return _render_scene(scene.name, traj[None], size)[0]
 
 
 def render_batch(conds, size: int = SIZE, frames: int = FRAMES) -> np.ndarray:
-    """``render`` of many conditions [N, frames, size, size, 3] (simulated together)."""
-    trajs = simulate_batch(conds, frames)
-    return np.stack([render(c, size, frames, trajectory=t) for c, t in zip(conds, trajs)])
+    """``render`` of many conditions [N, frames, size, size, 3]: simulated together, painted one by one
+    (small arrays stay in cache; painting a whole batch at once was measured slower)."""
+    conds = np.asarray(conds)
+    out = np.zeros((len(conds), frames, size, size, 3), dtype=np.float32)
+    for k, (cond, traj) in enumerate(zip(conds, simulate_batch(conds, frames))):
+        out[k] = _render_scene(decode_condition(cond).name, traj[None], size)[0]
+    return out
 
 
 def object_colours(cond) -> list[tuple[float, float, float]]:
