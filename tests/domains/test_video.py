@@ -358,3 +358,16 @@ def test_cli_train_applies_the_domain_defaults(tmp_path):
     assert cfg["sampler"]["sde_window_size"] == 3 and cfg["sampler"]["sde_window_range"] == [0, 5]
     assert cfg["optim"]["lr"] == 1e-3 and cfg["group_size"] == 2  # the user's flag over the domain's
     assert (run / "eval" / "samples" / "samples.gif").exists()
+
+
+@pytest.mark.slow
+def test_video_pipeline_example_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "video_pipeline.py"
+    out = subprocess.run([sys.executable, str(example), str(tmp_path)], capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step 2: reward" in out.stdout and "physics_pass_rate" in out.stdout
