@@ -41,6 +41,7 @@ class FlowPolicy:
         if need_reference and not has_adapter(model):
             self.ref_model = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
         self.old_model = copy.deepcopy(unwrap(model)).eval().requires_grad_(False) if need_old else None
+        self.counter = None  # a ForwardCounter of model evaluations, set by the trainer
         self.ema = None
         if ema_decay > 0:
             from diffusers.training_utils import EMAModel

@@ -509,6 +509,7 @@ def train(cfg: TrainConfig, domain: Domain | None = None, console=None) -> Path:
         if extra is not None:
             extra.to(accelerator.device)
     counter = ForwardCounter().attach(policy.modules())
+    policy.counter = counter
     anchor = None
     if cfg.loss.anchor_weight > 0:
         x0, anchor_cond = domain.data("train")
@@ -834,7 +835,8 @@ def optimizer_step_on(chunk, filler, policy, optimizer, accelerator, rollout, ad
             stats.setdefault("anchor", []).append(float(per.detach().mean()))
     for m, micro in enumerate(micro_batches):
         last = m == len(micro_batches) - 1
-        with _null() if last else accelerator.no_sync(policy.model):
+        uncounted = policy.counter.counting(None) if len(chunk) == 0 and policy.counter is not None else _null()
+        with _null() if last else accelerator.no_sync(policy.model), uncounted:  # the filler is no real evaluation
             loss, info = pair_losses(policy, rollout, micro.to(device), advantages, cfg, old_log_probs, gate)
             weight = 0.0 if len(chunk) == 0 else scale
             total = loss.sum() * weight

@@ -12,17 +12,21 @@ they need no domain model) and on the group ids, and are applied by the trainer:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def rbf_affinity(features: torch.Tensor) -> torch.Tensor:
-    """[n, n] Gaussian affinity exp(-d^2 / (2 s^2)), s^2 the median non-zero squared distance, zero diagonal."""
-    d2 = torch.cdist(features, features) ** 2
-    positive = d2[d2 > 0]
-    scale = positive.median() if len(positive) else torch.tensor(1.0)
-    w = torch.exp(-d2 / (2 * scale))
-    w.fill_diagonal_(0.0)
-    return w
+    """[n, n] self-tuning Gaussian affinity exp(-d_ij^2 / (s_i s_j)) (Zelnik-Manor and Perona): s_i is
+    the distance to the sample's floor(sqrt n)-th nearest neighbour, so a tight cluster stays
+    connected and a lone sample far from it does not. The diagonal stays 1, so a lone sample is a
+    component of its own (a zero eigenvalue of the normalised Laplacian) rather than undefined."""
+    d = torch.cdist(features, features)
+    n = len(features)
+    k = max(1, min(n - 1, math.isqrt(n)))
+    scale = d.sort(dim=1).values[:, k].clamp(min=1e-6 * float(d.max()) + 1e-30)
+    return torch.exp(-d**2 / (scale[:, None] * scale[None, :]))
 
 
 def _kmeans(points: torch.Tensor, k: int, iterations: int = 50) -> torch.Tensor:
