@@ -62,13 +62,17 @@ def kl_to_reference(
 
 
 def flow_matching_loss(velocity, x0: torch.Tensor, cond, generator: torch.Generator | None = None,
-                       t: torch.Tensor | None = None) -> torch.Tensor:
+                       t: torch.Tensor | None = None, couple=None) -> torch.Tensor:
     """Conditional flow matching: x_t = (1 - t) x0 + t eps, target eps - x0, mean squared error.
 
-    t ~ U(0, 1) per sample unless given. Used for pretraining and for data anchoring in RL.
+    t ~ U(0, 1) per sample unless given. ``couple(x0, eps, cond) -> x0`` pairs each data sample with
+    its noise (``Domain.couple``: e.g. atoms permuted and rotated onto the noise); default independent.
+    Used for pretraining and for data anchoring in RL.
     """
     batch = x0.shape[0]
     eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+    if couple is not None:
+        x0 = couple(x0, eps, cond)
     if t is None:
         t = torch.rand(batch, generator=generator).to(x0.device)
     tb = t.reshape(batch, *([1] * (x0.dim() - 1)))

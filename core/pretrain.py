@@ -34,6 +34,11 @@ class PretrainConfig:
     """Samples for the evaluator figures recorded in base.json."""
     eval_num_steps: int = 40
     """ODE steps of the recorded evaluation."""
+    ema_decay: float = 0.0
+    """EMA of the weights (diffusers' EMAModel); the base is the EMA weights when > 0. 0: off."""
+    save_every: int = 0
+    """Also write the base (model and a base.json marked partial) every this many steps, so a long
+    pretraining that is stopped keeps its progress. 0: only at the end."""
 
 
 def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) -> Path:
@@ -48,7 +53,14 @@ def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) ->
     x0, cond = domain.data("train")
     model_config = domain.model_config()
     model = domain.build_model(**model_config)
+    if cfg.ema_decay < 0 or cfg.ema_decay >= 1 or cfg.save_every < 0:
+        raise FlowcoachError("pretrain needs 0 <= ema_decay < 1 and save_every >= 0")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    ema = None
+    if cfg.ema_decay > 0:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(model.parameters(), decay=cfg.ema_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.steps)
     say = console.print if console is not None else print
     say(f"pretraining {domain.name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
@@ -56,17 +68,25 @@ def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) ->
     start, cpu_start = time.perf_counter(), time.process_time()
     losses = []
     for step in range(cfg.steps):
-        idx = torch.randint(0, x0.shape[0], (cfg.batch_size,), generator=g)
-        loss = flow_matching_loss(model, x0[idx], index_cond(cond, idx), generator=g)
+        idx = domain.pretrain_batch(x0.shape[0], cfg.batch_size, g)
+        loss = flow_matching_loss(model, x0[idx], index_cond(cond, idx), generator=g, couple=domain.couple)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
+        if ema is not None:
+            ema.step(model.parameters())
         losses.append(loss.item())
         if (step + 1) % max(1, cfg.steps // 10) == 0:
             say(f"  step {step + 1}/{cfg.steps}  flow-matching loss {sum(losses[-100:]) / len(losses[-100:]):.4f}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            partial = {"partial": True, "step": step + 1, "config": asdict(cfg),
+                       "loss": sum(losses[-100:]) / len(losses[-100:]),
+                       "wall_seconds": round(time.perf_counter() - start, 1)}
+            save_base(_weights(model, ema), domain.name, model_config, partial, out)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    model = _weights(model, ema)
     model.eval()
     metrics, _, _ = evaluate_model(model, domain, cfg.eval_samples, cfg.eval_num_steps)
     record = {
@@ -84,3 +104,14 @@ def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) ->
     save_base(model, domain.name, model_config, record, out)
     say(f"base model written to {out}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     return out
+
+
+def _weights(model, ema):
+    """The model to save: a copy holding the EMA weights when there is an EMA, else the model."""
+    if ema is None:
+        return model
+    import copy
+
+    averaged = copy.deepcopy(model)
+    ema.copy_to(averaged.parameters())
+    return averaged

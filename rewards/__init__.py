@@ -39,6 +39,14 @@ REWARDS.register("crystal-ehull", "flowcoach.rewards.crystals:ehull")
 REWARDS.register("crystal-stable", "flowcoach.rewards.crystals:stable")
 REWARDS.register("crystal-force", "flowcoach.rewards.crystals:force")
 REWARDS.register("crystal-volume", "flowcoach.rewards.crystals:volume")
+REWARDS.register("speech-prosody", "flowcoach.rewards.speech:prosody")
+REWARDS.register("speech-mcd", "flowcoach.rewards.speech:mcd")
+REWARDS.register("speech-voicing", "flowcoach.rewards.speech:voicing")
+REWARDS.register("speech-clipping", "flowcoach.rewards.speech:clipping")
+REWARDS.register("video-physics", "flowcoach.rewards.video:physics_reward")
+REWARDS.register("video-persistence", "flowcoach.rewards.video:persistence_reward")
+REWARDS.register("video-flicker", "flowcoach.rewards.video:flicker_reward")
+REWARDS.register("video-warp", "flowcoach.rewards.video:warp_reward")
 
 
 class CompositeReward:

@@ -19,7 +19,7 @@ import torch
 
 from flowcoach.core.domain import Domain
 from flowcoach.core.registry import FlowcoachError
-from flowcoach.domains.crystals import physics
+from flowcoach.domains.crystals import physics, torus
 from flowcoach.domains.crystals.data import FEATURES, N_MAX, GenConfig, composition_tensor, encode, load_dataset, split
 from flowcoach.domains.crystals.decode import decode, save_structures
 from flowcoach.domains.crystals.evaluate import evaluate_structures
@@ -79,6 +79,18 @@ class CrystalsDomain(Domain):
 
     def build_model(self, **config) -> CrystalVelocity:
         return CrystalVelocity(**config)
+
+    def couple(self, x0: torch.Tensor, eps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        # a crystal is the same for any periodic image of an atom and any order of same-element atoms:
+        # pair each with its noise along the torus geodesic (DiffCSP/FlowMM's path)
+        out = x0.clone()
+        for b in range(x0.shape[0]):
+            species = cond[b].cpu().numpy()
+            n = int((species > 0).sum())
+            chart = torus.align_to_noise(x0[b, :n, :3].double().cpu().numpy(), eps[b, :n, :3].double().cpu().numpy(),
+                                         species[:n])
+            out[b, :n, :3] = torch.from_numpy(chart).to(x0)
+        return out
 
     def base_checkpoint(self) -> Path | None:
         path = Path(__file__).parent / ("base" if not self.generate_types else "base-dng")

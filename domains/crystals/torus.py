@@ -71,3 +71,24 @@ def fourier_features(d: torch.Tensor, harmonics: int) -> torch.Tensor:
     m = torch.arange(1, harmonics + 1, dtype=d.dtype, device=d.device)
     arg = 2 * torch.pi * d[..., None] * m  # [..., 3, H]
     return torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1).flatten(-2)
+
+
+def align_to_noise(chart: np.ndarray, eps: np.ndarray, species: np.ndarray) -> np.ndarray:
+    """One crystal's lifted coordinates [n, 3] re-expressed nearest to its noise [n, 3].
+
+    Atoms of the same element are permuted onto the noise rows (Hungarian on the squared shortest
+    periodic displacement), then every coordinate is moved to its image nearest the noise, so each
+    row's Euclidean path is the torus geodesic (``nearest_image``). Both keep the crystal: the same
+    element sits on the same sites, and any image wraps to the same fractional coordinate.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    frac = wrap(chart)
+    out = np.empty_like(chart)
+    for element in np.unique(species):
+        rows = np.flatnonzero(species == element)
+        d = periodic_displacement(frac[rows][None], eps[rows][:, None])  # [noise row, data row, 3]
+        _, order = linear_sum_assignment((d**2).sum(-1))
+        out[rows] = nearest_image(frac[rows][order], eps[rows])
+    return out
+

@@ -87,3 +87,20 @@ def test_kl_with_and_without_dt():
     exact = kl_to_reference(mean, ref, std, dt, "sum", with_dt=True)
     torch.testing.assert_close(exact, torch.full((3,), 2 * 1.0 / (2 * 0.25)))
     torch.testing.assert_close(kl_to_reference(mean, ref, std, dt, "sum", with_dt=False), exact * 0.1)
+
+
+def test_flow_matching_loss_is_zero_for_the_exact_conditional_velocity_and_uses_the_coupling():
+    from flowcoach.core.losses import flow_matching_loss
+
+    x0 = torch.randn(64, 3, generator=torch.Generator().manual_seed(1))
+
+    # one data point: the marginal velocity is known in closed form, (x_t - x0) / t, so its loss is 0
+    point = x0[:1].expand(64, 3)
+    exact = lambda x, t, c: (x - point) / t[:, None]  # noqa: E731
+    assert float(flow_matching_loss(exact, point, None, generator=torch.Generator().manual_seed(0))) < 1e-10
+
+    # a coupling that moves each x0 onto its own noise makes the target eps - x0 zero: v = 0 is exact
+    zero = lambda x, t, c: torch.zeros_like(x)  # noqa: E731
+    onto_noise = lambda x, eps, c: eps  # noqa: E731
+    assert float(flow_matching_loss(zero, x0, None, generator=torch.Generator().manual_seed(0), couple=onto_noise)) == 0.0
+    assert float(flow_matching_loss(zero, x0, None, generator=torch.Generator().manual_seed(0))) > 1.0

@@ -54,7 +54,7 @@ def test_domains_and_check_domain(capsys):
     assert main(["domains"]) == 0
     listing = capsys.readouterr().out
     domains_line = next(line for line in listing.splitlines() if line.startswith("domains:"))
-    assert "toy" in domains_line.split() and "flow-grpo" in listing and "toy-mode" in listing and "cps" in listing
+    assert "toy" in [w.strip(",") for w in domains_line.split()] and "flow-grpo" in listing and "toy-mode" in listing and "cps" in listing
     assert main(["check-domain", "toy"]) == 0
     assert "toy: " in capsys.readouterr().out
 

@@ -258,6 +258,24 @@ def test_data_is_deterministic_and_valid(domain):
     assert (cond > 0).sum(1).max() <= N_MAX
 
 
+def test_coupling_keeps_each_crystal_and_pairs_it_along_the_torus_geodesic(domain):
+    x0, cond = domain.data("train")
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+    y = domain.couple(x0, eps, cond)
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    same = StructureMatcher(ltol=1e-3, stol=1e-3, angle_tol=1e-2, primitive_cell=False, scale=False)
+    for a, b in zip(decode(x0), decode(y)):
+        assert same.fit(a, b)  # the same crystal: a permutation of same-element sites and other images
+    real = cond > 0
+    step = (eps - y)[:, :N_MAX, :3][real]
+    assert float(step.abs().max()) <= 0.5 + 1e-6  # every atom's path is the shortest periodic displacement
+    torch.testing.assert_close(y[:, N_MAX], x0[:, N_MAX])  # the lattice row is left alone
+    for b in range(len(x0)):  # and the pairing is no longer than the lift it replaces
+        n = int(real[b].sum())
+        assert float(((y[b, :n, :3] - eps[b, :n, :3]) ** 2).sum()) <= float(((x0[b, :n, :3] - eps[b, :n, :3]) ** 2).sum()) + 1e-6
+
+
 def test_pretrain_and_evaluate_run_on_cpu(domain, tmp_path):
     from flowcoach.core.checkpoint import load_base
     from flowcoach.core.pretrain import PretrainConfig, pretrain

