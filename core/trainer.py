@@ -513,7 +513,7 @@ def train(cfg: TrainConfig, domain: Domain | None = None, console=None) -> Path:
     anchor = None
     if cfg.loss.anchor_weight > 0:
         x0, anchor_cond = domain.data("train")
-        anchor = (x0.float(), anchor_cond)
+        anchor = (x0.float(), anchor_cond, domain.couple)
 
     start, totals = 0, {"nfe": 0, "cpu_s": 0.0, "wall_s": 0.0}
     if resume_dir is not None:
@@ -794,15 +794,20 @@ def step_advantages(policy, domain, cfg: TrainConfig, rollout: Rollout, sample_o
 
 def anchor_batch(anchor, cfg: TrainConfig, step: int, k: int, world_size: int, rank: int):
     """This process's share of the data-anchoring batch of optimizer step k of RL step ``step``:
-    (x0, cond, t, eps) drawn for all processes from one generator, then split."""
-    x0_all, cond_all = anchor
+    (x0, cond, t, eps) drawn for all processes from one generator, then split. ``anchor`` is
+    (x0, cond) of the domain's data, with the domain's ``couple`` (pairing each sample with its
+    noise, as in pretraining) as an optional third item."""
+    x0_all, cond_all, *couple = anchor
     g = step_generator(cfg.seed, step, stream=50_000 + k)
     M = cfg.loss.anchor_batch
     idx = torch.randint(0, x0_all.shape[0], (M,), generator=g)
     t = torch.rand(M, generator=g)
     eps = torch.randn((M, *x0_all.shape[1:]), generator=g)
     part = torch.arange(M).tensor_split(world_size)[rank]
-    return x0_all[idx[part]], index_cond(cond_all, idx[part]), t[part], eps[part]
+    x0, cond = x0_all[idx[part]], index_cond(cond_all, idx[part])
+    if couple:
+        x0 = couple[0](x0, eps[part], cond)
+    return x0, cond, t[part], eps[part]
 
 
 def optimizer_step_on(chunk, filler, policy, optimizer, accelerator, rollout, advantages, old_log_probs,
