@@ -28,6 +28,130 @@ def flow_grpo(cfg: TrainConfig) -> None:
     cfg.loss.kl_with_dt = False
 
 
+@ALGORITHMS.register("flow-grpo-fast")
+def flow_grpo_fast(cfg: TrainConfig) -> None:
+    """Flow-GRPO-Fast (flow_grpo repo): the group shares its initial noise and one ODE prefix (computed
+    once), then branches into a random window of 2 SDE steps inside the first half of the grid; ODE
+    after it; only the window's steps are trained."""
+    flow_grpo(cfg)
+    cfg.sampler.sde_window_size = 2
+    cfg.sampler.sde_window_range = (0, 5)
+    cfg.sampler.same_noise_in_group = True
+
+
+@ALGORITHMS.register("mix-grpo")
+def mix_grpo(cfg: TrainConfig) -> None:
+    """MixGRPO (arXiv 2507.21802): a window of 3 SDE steps slides from the noisiest step towards clean
+    ones by 1 step every 10 RL steps and rolls back (progressive; also random, decay, exp-decay);
+    ODE before and after it; only the window is trained."""
+    flow_grpo(cfg)
+    cfg.sampler.sde_window_size = 3
+    cfg.sampler.window_schedule = "progressive"
+    cfg.sampler.window_every = 10
+    cfg.sampler.window_stride = 1
+
+
+@ALGORITHMS.register("mix-grpo-flash")
+def mix_grpo_flash(cfg: TrainConfig) -> None:
+    """MixGRPO-Flash: MixGRPO whose ODE after the window is DPM-Solver++(2M) on half as many steps."""
+    mix_grpo(cfg)
+    cfg.sampler.post_window_solver = "dpm2"
+    cfg.sampler.post_window_steps = 0.5
+
+
+@ALGORITHMS.register("dense-grpo")
+def dense_grpo(cfg: TrainConfig) -> None:
+    """DenseGRPO (arXiv 2601.20218): Flow-GRPO's rollouts, but each step is credited with its reward
+    gain R(x0(x_{j+1})) - R(x0(x_j)), x0 the ODE completion of the state (--loss.dense-estimate
+    tweedie: the one-step estimate x - t v), normalised across the group at each step."""
+    flow_grpo(cfg)
+    cfg.loss.advantage = "dense"
+    cfg.loss.dense_estimate = "ode"
+
+
+@ALGORITHMS.register("tree-grpo")
+def tree_grpo(cfg: TrainConfig) -> None:
+    """TreeGRPO / BranchGRPO (arXiv 2512.08153, 2509.06040): each group is a tree from one noise that
+    splits in 2 at steps 0, 2 and 4 (8 leaves; SDE there, ODE elsewhere; shared prefixes computed
+    once); a node's value is the mean of its leaves, each edge is trained with its child's
+    advantage normalised over the tree's nodes of the same depth."""
+    flow_grpo(cfg)
+    cfg.sampler.structure = "tree"
+    cfg.sampler.tree_branch_steps = (0, 2, 4)
+    cfg.sampler.tree_branching = 2
+    cfg.group_size = 8
+    cfg.loss.advantage = "tree"
+
+
+@ALGORITHMS.register("e-grpo")
+def e_grpo(cfg: TrainConfig) -> None:
+    """E-GRPO (arXiv 2601.00423): consecutive low-entropy steps merge into one SDE step until its
+    entropy per dimension reaches 0.3 nats; the group follows one ODE anchor, half of it branches
+    at one merged step and half at another (drawn per RL step), ODE elsewhere; advantages are
+    normalised within the samples that share the merged step."""
+    flow_grpo(cfg)
+    cfg.sampler.structure = "merged"
+    cfg.sampler.merge_entropy = 0.3
+    cfg.sampler.merge_branch_points = 2
+    cfg.loss.std_scope = "group"
+
+
+@ALGORITHMS.register("tempflow-grpo")
+def tempflow_grpo(cfg: TrainConfig) -> None:
+    """TempFlow-GRPO (arXiv 2508.04324): the group shares its noise and ODE path up to one branching
+    SDE step drawn per group, ODE after, so the reward is credited to that step; noise-aware step
+    weights (std / mean std) make high-noise steps count more."""
+    flow_grpo(cfg)
+    cfg.sampler.structure = "branch"
+    cfg.loss.step_weight = "noise"
+
+
+@ALGORITHMS.register("diffusion-nft")
+def diffusion_nft(cfg: TrainConfig) -> None:
+    """DiffusionNFT (arXiv 2509.16117): deterministic DPM-Solver++ rollouts from a soft-updated old
+    policy; the samples are re-noised at every sampling time and trained by flow matching toward
+    the implicit positive policy (1 - b) v_old + b v and away from the negative one, weighted by
+    r = 1/2 + A / (2 A_max); beta 1, velocity KL 1e-4; old <- eta old + (1 - eta) new, eta =
+    min(0.001 k, 0.5)."""
+    flow_grpo(cfg)
+    cfg.sampler.law = "ode"
+    cfg.sampler.noise_level = 0.0
+    cfg.sampler.ode_solver = "dpm2"
+    cfg.loss.family = "nft"
+    cfg.loss.nft_beta = 1.0
+    cfg.loss.kl_beta = 1e-4
+    cfg.loss.fwd_time = "grid"
+    cfg.loss.fwd_timesteps = 0
+
+
+@ALGORITHMS.register("awm")
+def awm(cfg: TrainConfig) -> None:
+    """Advantage Weighted Matching (arXiv 2509.25050): stochastic (CPS, a = 0.4) rollouts; the
+    pretraining flow-matching loss at 6 of the sampling times is weighted by the advantage, as a
+    clipped ratio of the pseudo log-likelihoods -||v - (eps - x0)||^2 (on-policy: ratio 1)."""
+    flow_grpo(cfg)
+    cfg.sampler.law = "cps"
+    cfg.sampler.noise_level = 0.4
+    cfg.loss.family = "awm"
+    cfg.loss.fwd_time = "grid"
+    cfg.loss.fwd_timesteps = 6
+
+
+@ALGORITHMS.register("fpo")
+def fpo(cfg: TrainConfig) -> None:
+    """Flow Policy Optimization (arXiv 2507.21053), for interact domains and any other: ODE rollouts
+    (exploration from the initial noise), the likelihood-free ratio exp(L_old - L) of the
+    flow-matching loss over 8 draws (t uniform) per sample, summed over dimensions, PPO-clipped at 0.2."""
+    flow_grpo(cfg)
+    cfg.sampler.law = "ode"
+    cfg.sampler.noise_level = 0.0
+    cfg.sampler.logprob_reduction = "sum"
+    cfg.loss.family = "fpo"
+    cfg.loss.fwd_time = "uniform"
+    cfg.loss.fwd_timesteps = 1
+    cfg.loss.fwd_draws = 8
+
+
 def algorithm_defaults(name: str) -> TrainConfig:
     """A TrainConfig with the recipe of algorithm ``name`` applied."""
     cfg = TrainConfig(algo=name)

@@ -62,7 +62,8 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, ema, state: dict, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, ema, state: dict, keep: int,
+                    old_state: dict[str, torch.Tensor] | None = None) -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{step}"
@@ -73,6 +74,8 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, ema, 
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if ema is not None:
         torch.save(ema.state_dict(), tmp / "ema.pt")
+    if old_state is not None:  # DiffusionNFT's soft-updated old policy
+        save_file(old_state, tmp / "old.safetensors")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
     if final.exists():
         shutil.rmtree(final)
@@ -114,6 +117,12 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer=None, ema=None) -> d
     if ema is not None and (path / "ema.pt").exists():
         ema.load_state_dict(torch.load(path / "ema.pt", map_location="cpu", weights_only=False))
     return state
+
+
+def load_old_state(path: Path) -> dict[str, torch.Tensor] | None:
+    """The old policy's trained weights stored in a checkpoint, or None."""
+    file = Path(path) / "old.safetensors"
+    return load_file(file) if file.exists() else None
 
 
 def load_trained(domain, checkpoint: str | Path | None, base: str | Path | None = None, use_ema: bool = True) -> nn.Module:

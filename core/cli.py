@@ -70,13 +70,13 @@ def _split_domain(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, argv
 
 
-def _algo_from_argv(argv: list[str]) -> str:
+def _algo_from_argv(argv: list[str], default: str = "flow-grpo") -> str:
     for k, arg in enumerate(argv):
         if arg == "--algo" and k + 1 < len(argv):
             return argv[k + 1]
         if arg.startswith("--algo="):
             return arg.split("=", 1)[1]
-    return "flow-grpo"
+    return default
 
 
 def _console():
@@ -111,10 +111,12 @@ def cmd_train(argv: list[str]) -> None:
     from flowcoach.core.domain import get_domain
 
     domain, rest = _split_domain(argv)
-    defaults = algorithm_defaults(_algo_from_argv(rest))
+    domain_defaults = dict(get_domain(domain).train_defaults()) if domain is not None else {}
+    # a domain may name its default algorithm ("algo"); --algo overrides it
+    defaults = algorithm_defaults(_algo_from_argv(rest, domain_defaults.pop("algo", "flow-grpo")))
     if domain is not None:
         defaults.domain = domain
-        set_fields(defaults, get_domain(domain).train_defaults())  # then the user's flags win
+        set_fields(defaults, domain_defaults)  # then the user's flags win
     cfg = tyro.cli(type(defaults), default=defaults, args=rest, prog="flowcoach train DOMAIN")
     run_dir = train(cfg, console=_console())
     from accelerate import PartialState

@@ -23,24 +23,56 @@ class SamplerConfig:
     """Denoising steps of evaluation and `flowcoach sample` (deterministic ODE)."""
     shift: float = 1.0
     """Time-grid shift of diffusers' FlowMatchEulerDiscreteScheduler (SD3 uses 3)."""
-    ode_solver: Literal["euler", "heun"] = "euler"
-    """Solver of the deterministic steps."""
+    ode_solver: Literal["euler", "heun", "dpm2"] = "euler"
+    """Solver of the deterministic steps: Euler, Heun (2 evaluations a step) or DPM-Solver++(2M)."""
+    structure: str = "window"
+    """Rollout structure: window (SDE window, Flow-GRPO/-Fast/MixGRPO), branch (one SDE step per group,
+    TempFlow), tree (TreeGRPO/BranchGRPO), merged (E-GRPO's entropy-merged steps); see core/sampling/structures.py."""
     sde_window_size: int = 0
-    """0: every step stochastic. k > 0: one random window of k SDE steps, ODE elsewhere (Flow-GRPO-Fast)."""
+    """window: 0 = every step stochastic; k > 0 = one window of k SDE steps, ODE elsewhere (Flow-GRPO-Fast)."""
     sde_window_range: tuple[int, int] | None = None
-    """[lo, hi) of step indices where the SDE window may start; default: anywhere it fits."""
+    """[lo, hi) of the step indices where the SDE window may start (branch, merged: where they may
+    branch); default: anywhere it fits."""
+    window_schedule: Literal["random", "progressive", "decay", "exp-decay"] = "random"
+    """Where the window starts at each RL step: random (Fast), or sliding from the noisiest step by
+    window_stride every window_every steps and rolling back (progressive; decay, exp-decay stay less
+    long at later positions): MixGRPO."""
+    window_every: int = 25
+    """RL steps the sliding window stays at a position (MixGRPO's tau)."""
+    window_stride: int = 1
+    """Steps the sliding window moves by (0: frozen at the range's start, MixGRPO-Flash*)."""
+    window_decay: float = 0.1
+    """exp-decay rate k: the window stays window_every exp(-k ReLU(l - n/2)) steps at position l."""
+    post_window_solver: Literal["", "euler", "heun", "dpm2"] = ""
+    """ODE solver after the SDE window ('' = ode_solver); MixGRPO-Flash uses dpm2."""
+    post_window_steps: float = 1.0
+    """Fraction of the steps after the window that are kept (on the same schedule): MixGRPO-Flash's compression."""
+    tree_branch_steps: tuple[int, ...] = (0, 2, 4)
+    """tree: the steps where every node splits into tree_branching children (group_size = k^depth)."""
+    tree_branching: int = 2
+    """tree: children per node at each branch step."""
+    merge_entropy: float = 0.3
+    """merged: entropy per dimension (nats) a merged SDE step must reach, 1/2 log(2 pi e std^2)."""
+    merge_branch_points: int = 2
+    """merged: K merged steps per RL step; the group splits into K subgroups, each branching at one."""
     deterministic_last_step: bool = True
     """Take the last step as ODE and do not train it (clean samples; Flow-GRPO skips it too)."""
     same_noise_in_group: bool = False
-    """Share the initial noise within a group (DanceGRPO's init_same_noise)."""
+    """Share the initial noise within a group (DanceGRPO's init_same_noise); the group's common ODE
+    prefix is then computed once (Flow-GRPO-Fast's shared prefix)."""
     logprob_reduction: Literal["mean", "sum"] = "mean"
     """Reduce a step's Gaussian log-prob over dimensions by mean (the anchors') or sum (exact)."""
 
 
 @dataclass
 class LossConfig:
+    family: Literal["ratio", "nft", "awm", "fpo"] = "ratio"
+    """ratio: clipped ratio of SDE transition log-probs (GRPO). Forward-process losses on the rollout's
+    samples, any sampler: nft (DiffusionNFT), awm (advantage-weighted matching), fpo (flow policy
+    optimisation's likelihood-free ratio)."""
     advantage: str = "group"
-    """Advantage estimator: group (one composite reward) or per-reward (normalise each, then weight)."""
+    """Advantage estimator: group (one composite reward), per-reward (normalise each, then weight),
+    tree (per-depth, tree structure), dense (per-step reward gains)."""
     std_scope: Literal["group", "global"] = "global"
     """Divide by the group's reward std or the whole batch's (Flow-GRPO's default is global)."""
     adv_clip: float = 5.0
@@ -53,6 +85,48 @@ class LossConfig:
     """Weight of the KL to the reference (base) policy. 0 skips the reference forward pass."""
     kl_with_dt: bool = False
     """True: exact per-step KL (1/|dt| factor). False: flow_grpo's version without it (beta ~10x)."""
+    kl_gate: float = 0.0
+    """GARDO: apply the KL only to the fraction of samples whose main reward ranks highest above their
+    other rewards (the likeliest hacks; needs >= 2 reward components). 0: KL on every sample."""
+    ratio_norm: bool = False
+    """GRPO-Guard's RatioNorm: add the closed-form KL to the log-ratio (centre the ratio on 1), scale it
+    by the step std (one spread for every step), and weight each step's loss by 1/|dt| (normalised)."""
+    step_weight: Literal["none", "noise"] = "none"
+    """Per-step loss weight: noise = the step's std over its mean (TempFlow's noise-aware weighting)."""
+    tree_value: Literal["mean", "softmax"] = "mean"
+    """tree: a node's value is the mean of its leaves, or the softmax(log-prob)-weighted mean of its children."""
+    dense_estimate: Literal["ode", "tweedie"] = "ode"
+    """dense: the clean sample of an intermediate state by ODE completion, or one Tweedie step x - t v."""
+    best_of_n: int = 0
+    """Train only the n/2 best and n/2 worst samples of each group (DanceGRPO's best-of-N); 0: all."""
+    win_rate: bool = False
+    """Pref-GRPO: replace each reward by its win rate in its group (pairwise votes over the reward
+    components, ties within win_rate_tol count half)."""
+    win_rate_tol: float = 1e-3
+    diversity_bonus: float = 0.0
+    """DiverseGRPO: add this weight x 1/(size of the sample's spectral cluster in its group) to the reward."""
+    diversity_clusters: int = 0
+    """Clusters per group for the diversity bonus (0: chosen by the eigengap)."""
+    diversity_advantage: bool = False
+    """GARDO: A = R - mean (no std), positive ones scaled by the sample's min cosine distance to its group over the group's mean."""
+    anchor_weight: float = 0.0
+    """Data anchoring: weight of a flow-matching loss on the domain's training data added to every optimizer step."""
+    anchor_batch: int = 64
+    """Data samples per optimizer step for the anchoring loss (all processes together)."""
+    nft_beta: float = 1.0
+    """DiffusionNFT's beta: v+ = (1 - beta) v_old + beta v, v- = (1 + beta) v_old - beta v."""
+    nft_old_rate: float = 0.001
+    """DiffusionNFT's soft update of the old policy after RL step k: old <- eta old + (1 - eta) new,
+    eta = min(rate k, nft_old_max)."""
+    nft_old_max: float = 0.5
+    fwd_timesteps: int = 0
+    """Forward-process losses: (sample, time) pairs per sample (0: one per sampling step)."""
+    fwd_draws: int = 1
+    """Forward-process losses: noise draws averaged inside one pair (FPO's N_mc)."""
+    fwd_time: Literal["grid", "uniform"] = "grid"
+    """Forward-process times: drawn from the sampling grid (NFT, AWM) or uniform in (0, 1) (FPO)."""
+    awm_weighting: Literal["mse", "ghuber"] = "mse"
+    """AWM's log-likelihood surrogate: -mse, or the generalised Huber -((mse + c)^p - c^p) t / p, p = 1/4."""
 
 
 @dataclass
@@ -105,6 +179,11 @@ class TrainConfig:
     eval_every: int = 0
     """Run the held-out evaluator every this many steps (0: only at the end)."""
     eval_samples: int = 256
+    time_budget_s: float = 0.0
+    """Stop once the RL steps have used this many seconds of process CPU time (evaluation and
+    checkpoints excluded; 0: run all steps). For equal-compute comparisons on a shared machine."""
+    eval_every_s: float = 0.0
+    """Also run the held-out evaluator after every this many training CPU seconds (0: off)."""
     tensorboard: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     sampler: SamplerConfig = field(default_factory=SamplerConfig)

@@ -26,7 +26,7 @@ import torch
 from flowcoach.core.domain import Domain
 from flowcoach.core.registry import FlowcoachError
 from flowcoach.core.sampling.rollout import Rollout, cat_rollouts
-from flowcoach.core.sampling.sampler import sample, time_grid, window_mask
+from flowcoach.core.sampling.sampler import sample, time_grid
 
 EVAL_SEED_OFFSET = 1_000_000  # held-out reset seeds start here; training seeds are drawn below it
 
@@ -187,9 +187,10 @@ class EpisodeSettings:
     noise_level: float = 0.0
     num_steps: int = 10
     shift: float = 1.0
-    stochastic_mask: torch.Tensor | None = None  # [T] bool
+    stochastic_mask: torch.Tensor | None = None  # [T] bool, or [E, T] one row per episode
     reduction: str = "mean"
-    ode_solver: str = "euler"
+    ode_solver: str | tuple[str, ...] = "euler"
+    timesteps: torch.Tensor | None = None  # [T+1] or [E, T+1]; default: time_grid(num_steps, shift)
     split: str = "train"
     render: bool = False
     extra: dict = field(default_factory=dict)
@@ -205,7 +206,8 @@ def play_episodes(velocity, domain: InteractDomain, seeds: torch.Tensor, group_i
     """
     n = len(seeds)
     envs = env_pool(domain, n, "rgb_array" if settings.render else None)
-    grid = time_grid(settings.num_steps, settings.shift)
+    grid = settings.timesteps if settings.timesteps is not None else time_grid(settings.num_steps, settings.shift)
+    steps = grid.shape[-1] - 1
     options = domain.reset_options(settings.split)
     obs = [env.reset(seed=int(s), options=options)[0] for env, s in zip(envs, seeds.tolist())]
     episodes = [{"seed": int(s), "return": 0.0, "success": False, "steps": 0, "steps_to_success": None,
@@ -217,10 +219,11 @@ def play_episodes(velocity, domain: InteractDomain, seeds: torch.Tensor, group_i
             break
         cond = torch.stack([domain.obs_to_cond(obs[e]) for e in active]).to(device)
         x1, step_noise = noise.draw(active, tuple(domain.sample_shape))
-        mask = settings.stochastic_mask if settings.stochastic_mask is not None else torch.zeros(settings.num_steps, dtype=torch.bool)
-        r = sample(velocity, x1.to(device), grid, cond=cond, law=settings.law, noise_level=settings.noise_level,
-                   stochastic=mask.expand(len(active), -1), group_ids=group_ids[active],
-                   reduction=settings.reduction, ode_solver=settings.ode_solver, noise=step_noise)
+        mask = settings.stochastic_mask if settings.stochastic_mask is not None else torch.zeros(steps, dtype=torch.bool)
+        mask = mask[active] if mask.dim() == 2 else mask.expand(len(active), -1)
+        r = sample(velocity, x1.to(device), grid[active] if grid.dim() == 2 else grid, cond=cond, law=settings.law,
+                   noise_level=settings.noise_level, stochastic=mask, group_ids=group_ids[active],
+                   reduction=settings.reduction, ode_solver=settings.ode_solver, noise=step_noise[:, :steps])
         rollouts.append(r.to("cpu"))
         owners.append(torch.tensor(active))
         chunks = domain.decode(r.samples)
@@ -255,22 +258,37 @@ def collect_episodes(policy, domain: InteractDomain, cfg, step: int, device, wor
 
     Returns (chunk rollout, chunk -> local episode index, episodes, their seeds).
     """
-    from flowcoach.core.policy import unwrap
-    from flowcoach.core.trainer import step_generator
+    from flowcoach.core.sampling.structures import get_structure
+    from flowcoach.core.trainer import forward_draws, step_generator
 
     s = cfg.sampler
     g = step_generator(cfg.seed, step)
     all_seeds = domain.train_conditions(cfg.groups_per_step, g)
-    mask = window_mask(1, s.num_steps, s.sde_window_size, s.sde_window_range, s.deterministic_last_step, g)[0]
     per_process = cfg.groups_per_step // world_size
+    # the step's plan for every episode (a row per episode); episodes share no state, so a plan's
+    # sharing (shared_root, branch keys) does not apply here, only its masks, grids and solvers
+    plan = get_structure(s.structure).plan(cfg, step, cfg.groups_per_step, g)
+    plan = plan.rows(torch.arange(rank * per_process * cfg.group_size, (rank + 1) * per_process * cfg.group_size))
     groups = torch.arange(rank * per_process, (rank + 1) * per_process)
     seeds = all_seeds[groups].repeat_interleave(cfg.group_size)
     group_ids = groups.repeat_interleave(cfg.group_size)
     episode_ids = group_ids * cfg.group_size + torch.arange(len(group_ids)) % cfg.group_size
     noise = EpisodeNoise([step_generator(cfg.seed, step, stream=10_000 + int(e)) for e in episode_ids], s.num_steps)
     settings = EpisodeSettings(law=s.law, noise_level=s.noise_level, num_steps=s.num_steps, shift=s.shift,
-                               stochastic_mask=mask, reduction=s.logprob_reduction, ode_solver=s.ode_solver)
-    rollout, owner, episodes = play_episodes(unwrap(policy.model), domain, seeds, group_ids, settings, noise, device)
+                               stochastic_mask=plan.stochastic, reduction=s.logprob_reduction, ode_solver=plan.solvers,
+                               timesteps=plan.timesteps)
+    rollout, owner, episodes = play_episodes(policy.sampling_model(), domain, seeds, group_ids, settings, noise, device)
+    if plan.adv_groups is not None:
+        rollout.adv_groups = plan.adv_groups[owner]
+    if cfg.loss.family != "ratio":  # forward-process draws of each chunk, from its episode and index
+        index = torch.zeros(len(owner), dtype=torch.long)
+        seen: dict[int, int] = {}
+        for r, e in enumerate(owner.tolist()):
+            index[r] = seen.get(e, 0)
+            seen[e] = index[r].item() + 1
+        gens = [step_generator(cfg.seed, step, stream=20_000_000 + int(episode_ids[e]) * 1_000 + int(c))
+                for e, c in zip(owner.tolist(), index.tolist())]
+        rollout.fwd_t, rollout.fwd_noise = forward_draws(cfg, time_grid(s.num_steps, s.shift), tuple(domain.sample_shape), gens)
     return rollout, owner, episodes, seeds
 
 

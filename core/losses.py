@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from flowcoach.core.registry import FlowcoachError
-from flowcoach.core.sampling.laws import gaussian_kl_same_std
+from flowcoach.core.sampling.laws import expand_like, gaussian_kl_same_std, reduce_dims
 
 # The clip range must match the log-prob reduction (DESIGN.md §2): with a mean over dimensions the
 # log-ratio is a per-dimension average and the anchors clip at 1e-4; with a sum it is PPO's ratio.
@@ -24,12 +24,15 @@ def clipped_ratio_loss(
     advantages: torch.Tensor,
     clip_low: float,
     clip_high: float,
+    log_ratio: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """PPO/GRPO per-pair loss max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), r = exp(lp - lp_old).
 
-    Symmetric when clip_low == clip_high. Returns the [N] loss and diagnostics (ratio, clipped).
+    Symmetric when clip_low == clip_high (asymmetric otherwise, e.g. DAPO's clip-higher). A given
+    ``log_ratio`` replaces lp - lp_old (RatioNorm). Returns the [N] loss and diagnostics.
     """
-    log_ratio = log_prob - old_log_prob
+    if log_ratio is None:
+        log_ratio = log_prob - old_log_prob
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
@@ -76,3 +79,63 @@ def flow_matching_loss(velocity, x0: torch.Tensor, cond, generator: torch.Genera
     x_t = (1 - tb) * x0 + tb * eps
     v = velocity(x_t, t, cond)
     return ((v.float() - (eps - x0).float()) ** 2).mean()
+
+
+def ratio_norm_log_ratio(log_prob, old_log_prob, mean, old_mean, std, reduction: str = "mean") -> torch.Tensor:
+    """GRPO-Guard's RatioNorm (arXiv 2510.22319, as verl-omni's GRPOGuardLoss writes it):
+    (log r + KL(old || new)) * std.
+
+    The raw log-ratio of a Gaussian step is reduce((mu - mu_old) z) / std - KL, with z the old
+    step's unit noise: its mean is -KL < 0 (the left shift) and its spread ~1/std differs per step.
+    Adding the closed-form KL centres it on 0 (ratio on 1) and the std factor leaves
+    reduce((mu - mu_old) z), whose spread does not depend on the step's noise level.
+    """
+    return (log_prob - old_log_prob + gaussian_kl_same_std(mean, old_mean, std, reduction)) * std
+
+
+def fm_log_likelihood(v: torch.Tensor, target: torch.Tensor, t: torch.Tensor, reduction: str = "mean",
+                      weighting: str = "mse", p: float = 0.25, c: float = 1e-3) -> torch.Tensor:
+    """The forward-process stand-in for a log-likelihood: minus the flow-matching error [N].
+
+    ``mse``: -reduce(||v - (eps - x0)||^2) (FPO's and AWM's plain form; the ELBO up to a constant
+    and weighting). ``ghuber``: AWM's generalised-Huber form -((e + c)^p - c^p) t / p, which grows
+    slower than the error for large errors.
+    """
+    err = reduce_dims((v.float() - target.float()) ** 2, reduction)
+    if weighting == "mse":
+        return -err
+    if weighting == "ghuber":
+        return -((err + c) ** p - c**p) * t.float() / p
+    raise FlowcoachError(f"unknown AWM weighting '{weighting}'; choose mse or ghuber")
+
+
+def nft_optimality(advantages: torch.Tensor, adv_max: float) -> torch.Tensor:
+    """DiffusionNFT's optimality probability r = clip(1/2 + A / (2 A_max), 0, 1)."""
+    return (0.5 + advantages / (2 * adv_max)).clamp(0.0, 1.0)
+
+
+def nft_loss(v: torch.Tensor, v_old: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
+             r: torch.Tensor, beta: float, adv_max: float) -> torch.Tensor:
+    """DiffusionNFT (arXiv 2509.16117) per-draw loss [N] on re-noised samples x_t = (1 - t) x0 + t eps.
+
+    Implicit positive and negative policies v+ = (1 - beta) v_old + beta v, v- = (1 + beta) v_old - beta v;
+    with x0_hat(u) = x_t - t u and adaptive weights w = stopgrad(mean |x0_hat - x0|):
+    A_max / beta (r ||x0_hat(v+) - x0||^2 / w+ + (1 - r) ||x0_hat(v-) - x0||^2 / w-), means over dimensions.
+    A positive sample (r = 1) pulls x0_hat(v) toward it, a negative one (r = 0) pushes it away.
+    """
+    v, v_old, x_t, x0 = v.float(), v_old.float(), x_t.float(), x0.float()
+    tb = expand_like(t, x_t)
+    pos = beta * v + (1 - beta) * v_old
+    neg = (1 + beta) * v_old - beta * v
+    x0_pos, x0_neg = x_t - tb * pos, x_t - tb * neg
+    with torch.no_grad():
+        w_pos = reduce_dims((x0_pos - x0).abs(), "mean").clamp(min=1e-5)
+        w_neg = reduce_dims((x0_neg - x0).abs(), "mean").clamp(min=1e-5)
+    pos_loss = reduce_dims((x0_pos - x0) ** 2, "mean") / w_pos
+    neg_loss = reduce_dims((x0_neg - x0) ** 2, "mean") / w_neg
+    return adv_max * (r * pos_loss + (1 - r) * neg_loss) / beta
+
+
+def velocity_kl(v: torch.Tensor, v_ref: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """||v - v_ref||^2 reduced over dimensions [N]: the KL surrogate of forward-process losses."""
+    return reduce_dims((v.float() - v_ref.float()) ** 2, reduction)

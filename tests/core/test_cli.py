@@ -61,7 +61,7 @@ def test_domains_and_check_domain(capsys):
 
 @pytest.mark.parametrize("args,expected", [
     (["train", "nope"], "unknown domain 'nope'; choose one of: "),
-    (["train", "toy", "--algo", "nope"], "unknown algorithm 'nope'; choose one of: flow-grpo"),
+    (["train", "toy", "--algo", "nope"], "unknown algorithm 'nope'; choose one of: awm, dense-grpo, diffusion-nft, e-grpo, flow-grpo"),
     (["train", "toy", "--group-size", "1"], "group_size must be >= 2"),
     (["train", "toy", "--sampler.noise-level", "-0.5"], "noise_level must be >= 0"),
     (["train", "toy", "--sampler.law", "brownian"], "unknown noise law 'brownian'; choose one of: const-eta, cps, flow-sde, ode"),
