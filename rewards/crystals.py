@@ -12,11 +12,14 @@ CHGNet's prediction is not finite) a defined floor value and counts it in ``info
 | crystal-ehull | -proxy energy above hull (CHGNet, eV/atom), clipped to [-5, 1] | -5 |
 | crystal-force | -max CHGNet force norm (eV/Å), clipped to [-5, 0] | -5 |
 | crystal-stable | 1 if the proxy E_hull <= 0.1 eV/atom, else 0 | 0 |
-| crystal-volume | 0 inside 8-50 Å^3/atom, else -abs(ln(V/atom / nearest bound)), clipped to [-5, 0] | -5 |
+| crystal-volume | 0 inside the composition's volume band, else -(distance of ln V to the band), clipped to [-5, 0] | -5 |
 
-crystal-volume is the guard against the hack seen in the first RL run: a policy whose structures
+crystal-volume is the guard against the hack seen in the first RL runs: a policy whose structures
 are poor lowers CHGNet's E_hull by swelling its cells toward isolated atoms (valid by distance,
-less bad in energy). The window is the training crystals' range (1st-95th percentile 9-50).
+less bad in energy). Its band is composition-aware where the domain has set a
+``physics.VolumeModel`` (per-element volumes fitted to the training crystals; the band holds 95% of
+them): a fixed 8-50 Å^3/atom window (the training crystals' 1st-95th percentile) let a later run
+swell its cells within it, density distance 0.22 -> 2.9 g/cm^3. Without a model the fixed window is used.
 
 CHGNet is called once per structure per process (results are cached), however many of these rewards
 are composed. The proxy hull is the domain's (its elemental references and training crystals).
@@ -93,14 +96,21 @@ VOLUME_WINDOW = (8.0, 50.0)  # Å^3 per atom
 
 def volume(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
     scores, outside = [], 0
+    model = physics.volume_model()
     for s in objects:
         v = s.volume / len(s) if s is not None and len(s) else float("nan")
         if not np.isfinite(v) or v <= 0:
             scores.append(-5.0)
             outside += 1
             continue
-        lo, hi = VOLUME_WINDOW
-        gap = np.log(lo / v) if v < lo else np.log(v / hi) if v > hi else 0.0
+        expected = model.expected(s.composition) if model is not None else None
+        if expected is not None:  # ln(V / V_expected) against the band of the training crystals
+            r, (lo, hi) = np.log(s.volume / expected), model.band
+            gap = lo - r if r < lo else r - hi if r > hi else 0.0
+        else:
+            lo, hi = VOLUME_WINDOW
+            gap = np.log(lo / v) if v < lo else np.log(v / hi) if v > hi else 0.0
+        gap = gap if gap > 1e-9 else 0.0  # on the band's edge (float noise) is inside
         outside += gap > 0
         scores.append(float(max(-gap, -5.0)))
     return torch.tensor(scores, dtype=torch.float32), {"invalid": outside}

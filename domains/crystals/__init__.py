@@ -35,12 +35,14 @@ class CrystalsDomain(Domain):
     kind = "generate"
     generate_types = False
 
-    def __init__(self, gen: GenConfig | None = None, copies: int = 4, width: int = 64, depth: int = 4,
-                 sevenn: bool = True):
+    def __init__(self, gen: GenConfig | None = None, copies: int = 4, width: int = 96, depth: int = 5,
+                 sevenn: bool = True, distance_rbf: int = 16, relax_samples: int = 0):
         """``gen``: the data set to generate (default: the shipped base's); ``copies``: lifts per
-        training crystal; ``width``/``depth``: the model; ``sevenn``: run the SevenNet cross-check."""
+        training crystal; ``width``/``depth``/``distance_rbf``: the model; ``sevenn``: run the SevenNet cross-check;
+        ``relax_samples``: relax this many valid samples with CHGNet in ``evaluate`` (slow: ~4 s each)."""
         self.gen = gen or GenConfig()
         self.copies, self.width, self.depth, self.sevenn = copies, width, depth, sevenn
+        self.distance_rbf, self.relax_samples = distance_rbf, relax_samples
         self._cache: dict = {}
 
     # ------------------------------------------------------------------ data and conditions
@@ -52,6 +54,7 @@ class CrystalsDomain(Domain):
                                train_structures=[c.structure() for c in train],
                                heldout_structures=[c.structure() for c in held])
             physics.use_hull(physics.hull_from_data(data, train))
+            physics.use_volume_model(physics.VolumeModel(self._cache["train_structures"]))
         return self._cache
 
     @property
@@ -75,7 +78,8 @@ class CrystalsDomain(Domain):
 
     # ------------------------------------------------------------------ model
     def model_config(self) -> dict:
-        return {"width": self.width, "depth": self.depth, "harmonics": 4, "generate_types": self.generate_types}
+        return {"width": self.width, "depth": self.depth, "harmonics": 4, "generate_types": self.generate_types,
+                "distance_rbf": self.distance_rbf}
 
     def build_model(self, **config) -> CrystalVelocity:
         return CrystalVelocity(**config)
@@ -128,7 +132,8 @@ class CrystalsDomain(Domain):
                 by_comp.setdefault(composition_key(c), s)
             targets = [by_comp.get(composition_key(row)) for row in torch.as_tensor(conditions)]
         return evaluate_structures(objects, cache["train_structures"], cache["heldout_structures"], targets,
-                                   cache["train_structures"][:48], sevenn=self.sevenn)
+                                   cache["train_structures"][:48], sevenn=self.sevenn,
+                                   relax_samples=self.relax_samples)
 
 
 class CrystalsDNGDomain(CrystalsDomain):

@@ -109,11 +109,13 @@ _SEVENN_CACHE: dict[str, float] = {}
 
 
 def evaluate_structures(objects: list, train: list, heldout: list, targets: list | None = None,
-                        sevenn_reference: list | None = None, sevenn: bool = True) -> dict[str, float]:
+                        sevenn_reference: list | None = None, sevenn: bool = True,
+                        relax_samples: int = 0) -> dict[str, float]:
     """Metrics of generated ``objects`` (Structure or None) against training and held-out crystals.
 
     ``targets``: per sample the held-out structure of its composition (structure prediction), or None.
     ``sevenn_reference``: training structures whose CHGNet - SevenNet energy gap calibrates the check.
+    ``relax_samples``: the first this many valid samples are relaxed with CHGNet (``relaxed_metrics``).
     """
     n = max(1, len(objects))
     struct_ok = [s is not None and physics.structure_ok(s) for s in objects]
@@ -156,7 +158,53 @@ def evaluate_structures(objects: list, train: list, heldout: list, targets: list
         metrics["csp_match_rate"] = sum(hits) / n
     if sevenn:
         metrics.update(sevenn_check([s for s, st in zip(objects, stable) if st], sevenn_reference))
+    if relax_samples > 0:
+        metrics.update(relaxed_metrics(valid_s[:relax_samples]))
     return {k: float(v) for k, v in metrics.items()}
+
+
+RELAX_STEPS = 50
+
+
+def relaxed_metrics(structures: list) -> dict[str, float]:
+    """Relax valid samples with CHGNet (``physics.relax``) and report, over those relaxed: the share
+    proxy-stable after relaxation, the mean relaxed proxy E_hull, the mean energy drop (eV/atom) and
+    the RMSD from sample to relaxed structure (StructureMatcher, normalised by (V/N)^(1/3), DiffCSP's
+    convention; a sample far from any minimum has a large one, or none when they no longer match).
+    The unrelaxed figures stay the headline: these show how near the samples are to real minima."""
+    if not structures:
+        return {}
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    hull, matcher = physics.reference_hull(), StructureMatcher(stol=0.5, angle_tol=10, ltol=0.3)
+    before = physics.chgnet_predict(structures)
+    ehull, drops, rmsd, relaxed = [], [], [], 0
+    for s, p in zip(structures, before):
+        out = physics.relax(s, steps=RELAX_STEPS)
+        if out is None or p is None:
+            continue
+        final, energy = out
+        relaxed += 1
+        e = hull.e_above_hull(final.composition, energy)
+        if e is not None:
+            ehull.append(e)
+        drops.append(p["e"] - energy)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                match = matcher.get_rms_dist(s, final)
+            except Exception:  # noqa: BLE001 - degenerate lattice: no match
+                match = None
+        rmsd.append(match[0] if match is not None else float("nan"))
+    rmsd_arr = np.array(rmsd, dtype=float)
+    return {
+        "relaxed_count": float(relaxed),
+        "relaxed_stable_rate": float(np.mean([e <= physics.STABLE_EHULL for e in ehull])) if ehull else float("nan"),
+        "mean_relaxed_ehull": float(np.mean(ehull)) if ehull else float("nan"),
+        "mean_relax_energy_drop": float(np.mean(drops)) if drops else float("nan"),
+        "relaxed_match_rate": float(np.isfinite(rmsd_arr).mean()) if len(rmsd_arr) else float("nan"),
+        "median_rmsd_to_relaxed": float(np.nanmedian(rmsd_arr)) if np.isfinite(rmsd_arr).any() else float("nan"),
+    }
 
 
 def sevenn_check(stable: list, reference: list | None) -> dict[str, float]:

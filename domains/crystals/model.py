@@ -23,7 +23,7 @@ from torch import nn
 
 from flowcoach.core.nets.common import TimeCondEmbedding
 from flowcoach.domains.crystals import torus
-from flowcoach.domains.crystals.data import BITS, FEATURES, N_MAX, VOCAB
+from flowcoach.domains.crystals.data import ANGLE_SCALE, BITS, FEATURES, LN_LEN_MEAN, LN_LEN_STD, N_MAX, VOCAB
 
 T_MIN = 1e-4  # the closed-form velocity divides by t; Heun evaluates at t = 0
 
@@ -53,6 +53,25 @@ def known_mask(cond: torch.Tensor, generate_types: bool, n_max: int = N_MAX) -> 
     return known
 
 
+def lattice_matrix(features: torch.Tensor) -> torch.Tensor:
+    """[B, 6] lattice channels (standardised ln lengths, scaled angles) -> [B, 3, 3] row vectors (Å).
+
+    a along x, b in the xy plane (a rotation of pymatgen's matrix: the same lengths and angles). Angles are
+    clamped to (20, 160) degrees so a noisy lattice still gives a finite cell.
+    """
+    lengths = torch.exp(features[:, :3] * LN_LEN_STD + LN_LEN_MEAN)
+    alpha, beta, gamma = torch.deg2rad((90.0 + ANGLE_SCALE * features[:, 3:6]).clamp(20.0, 160.0)).unbind(-1)
+    cos_a, cos_b, cos_g, sin_g = torch.cos(alpha), torch.cos(beta), torch.cos(gamma), torch.sin(gamma)
+    cx = cos_b
+    cy = (cos_a - cos_b * cos_g) / sin_g
+    cz = torch.sqrt((1.0 - cx**2 - cy**2).clamp_min(1e-4))
+    zero = torch.zeros_like(cos_a)
+    rows = torch.stack([torch.stack([torch.ones_like(cos_a), zero, zero], -1),
+                        torch.stack([cos_g, sin_g, zero], -1),
+                        torch.stack([cx, cy, cz], -1)], dim=1)  # [B, 3, 3] unit row vectors
+    return rows * lengths[..., None]
+
+
 class Layer(nn.Module):
     def __init__(self, width: int, edge_dim: int):
         super().__init__()
@@ -71,14 +90,20 @@ class Layer(nn.Module):
 
 class CrystalVelocity(nn.Module):
     def __init__(self, width: int = 64, depth: int = 4, harmonics: int = 4, generate_types: bool = False,
-                 n_max: int = N_MAX):
+                 n_max: int = N_MAX, distance_rbf: int = 0, cutoff: float = 6.0):
         super().__init__()
         self.n_max, self.harmonics, self.generate_types = n_max, harmonics, generate_types
+        # distance_rbf > 0: edges also see the Cartesian length (Å) of the shortest periodic
+        # displacement under the (noisy) lattice, in a Gaussian basis: close contacts are then visible
+        # as such whatever the cell's shape (fractional displacements alone do not say how close)
+        self.distance_rbf, self.cutoff = distance_rbf, cutoff
+        if distance_rbf:
+            self.register_buffer("centres", torch.linspace(0.0, cutoff, distance_rbf), persistent=False)
         self.embed = TimeCondEmbedding(width, cond_dim=6)  # t and the (noisy) lattice channels
         self.types = nn.Embedding(len(VOCAB) + 1, width)
         node_in = 6 * harmonics + 3 + (BITS if generate_types else 0)
         self.node = nn.Linear(node_in, width)
-        edge_dim = 6 * harmonics
+        edge_dim = 6 * harmonics + distance_rbf
         self.layers = nn.ModuleList(Layer(width, edge_dim) for _ in range(depth))
         self.coord_out = nn.Linear(width, 3)
         self.type_out = nn.Linear(width, BITS)
@@ -103,6 +128,11 @@ class CrystalVelocity(nn.Module):
         h = self.types(ids) + self.node(torch.cat(feats, dim=-1))
         d = torus.periodic_displacement(frac[:, :, None], frac[:, None])  # [B, N, N, 3]
         edge = torus.fourier_features(d, self.harmonics)
+        if self.distance_rbf:
+            cart = torch.einsum("bijk,bkl->bijl", d, lattice_matrix(lattice))
+            dist = (cart.pow(2).sum(-1) + 1e-8).sqrt()
+            width = self.cutoff / self.distance_rbf
+            edge = torch.cat([edge, torch.exp(-(((dist[..., None] - self.centres) / width) ** 2))], dim=-1)
         pair_mask = (real[:, :, None] & real[:, None]).float()
         for layer in self.layers:
             h = layer(h, edge, pair_mask, emb)

@@ -196,3 +196,62 @@ def hull_from_data(data: dict, crystals: list) -> ProxyHull:
 
     entries += [(Composition(Counter(c.species)), c.energy) for c in crystals]
     return ProxyHull(entries)
+
+
+class VolumeModel:
+    """Expected cell volume of a composition, V = sum_e n_e v_e, with per-element volumes fitted by
+    non-negative least squares to reference crystals, and ``band``: the range of ln(V / V_expected)
+    that holds the middle ``coverage`` of those crystals. A composition-aware guard against cells
+    that swell (or crush) to dodge the potential, tighter than one window for every chemistry."""
+
+    def __init__(self, structures: list, coverage: float = 0.95):
+        from scipy.optimize import nnls
+
+        elements = sorted({el.symbol for s in structures for el in s.composition.elements})
+        counts = np.array([[s.composition[el] for el in elements] for s in structures], dtype=float)
+        volumes = np.array([s.volume for s in structures], dtype=float)
+        per_element, _ = nnls(counts, volumes)
+        self.volumes = dict(zip(elements, per_element.tolist()))
+        ratio = np.log(volumes / np.maximum(counts @ per_element, 1e-9))
+        tail = (1.0 - coverage) / 2
+        self.band = (float(np.quantile(ratio, tail)), float(np.quantile(ratio, 1.0 - tail)))
+
+    def expected(self, composition) -> float | None:
+        """Expected volume (Å^3) of a cell of this composition, or None for an element never seen."""
+        if any(el.symbol not in self.volumes for el in composition.elements):
+            return None
+        v = sum(n * self.volumes[el.symbol] for el, n in composition.items())
+        return float(v) if v > 0 else None
+
+
+_VOLUME_MODEL: list = []
+
+
+def use_volume_model(model: VolumeModel | None) -> None:
+    """Make ``model`` the reference of the crystal-volume reward in this process (None: the fixed window)."""
+    _VOLUME_MODEL[:] = [model] if model is not None else []
+
+
+def volume_model() -> VolumeModel | None:
+    return _VOLUME_MODEL[0] if _VOLUME_MODEL else None
+
+
+def relax(structure, steps: int = 50, fmax: float = 0.05):
+    """CHGNet relaxation (FIRE, positions and cell) of one structure: (relaxed Structure, eV/atom),
+    or None where it is exploded or the optimiser fails. The evaluator's relaxed metrics use it: how
+    far a sample is from a local minimum of the potential, and how stable it is once there."""
+    if structure is None or exploded(structure):
+        return None
+    from chgnet.model import StructOptimizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            result = StructOptimizer(model=chgnet(), optimizer_class="FIRE", use_device="cpu").relax(
+                structure, fmax=fmax, steps=steps, relax_cell=True, verbose=False)
+        except Exception:  # noqa: BLE001 - a structure the optimiser cannot handle counts as not relaxed
+            return None
+    final = result["final_structure"]
+    energy = float(result["trajectory"].energies[-1]) / len(final)
+    return (final, energy) if np.isfinite(energy) and not exploded(final) else None
+

@@ -203,6 +203,19 @@ def test_squeezed_crystal_has_higher_energy_and_forces(nacl_hull):
     assert e[0] > e[1] and f[0] > f[1]
 
 
+def test_relaxed_metrics_take_an_off_site_cell_to_a_nearby_minimum(nacl_hull):
+    from flowcoach.domains.crystals.evaluate import relaxed_metrics
+
+    # a CsCl-type NaCl cell, too large and with Cl off the body centre
+    sample = Structure(Lattice.cubic(4.0), ["Na", "Cl"], [[0, 0, 0], [0.55, 0.5, 0.5]])
+    m = relaxed_metrics([sample])
+    assert m["relaxed_count"] == 1.0 and m["mean_relax_energy_drop"] > 0.0  # relaxation lowers the energy
+    final, _ = physics.relax(sample)
+    before, after = physics.chgnet_predict([sample, final])
+    assert after["fmax"] < 0.1 < before["fmax"]  # it ends at (near) a minimum of the potential
+    assert m["relaxed_match_rate"] == 1.0 and m["median_rmsd_to_relaxed"] < 0.3  # the same structure type
+
+
 # ------------------------------------------------------------------------------- model and domain
 def test_model_closed_form_rows_and_permutation_equivariance():
     torch.manual_seed(0)
@@ -318,8 +331,38 @@ def test_a_structure_chgnet_refuses_scores_the_floor_and_is_counted(nacl_hull):
 def test_volume_window_penalises_swollen_and_crushed_cells():
     from flowcoach.rewards.crystals import volume
 
+    physics.use_volume_model(None)  # the fixed window (a domain sets a fitted model)
     swollen = Structure(Lattice.cubic(10.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])  # 500 Å^3/atom
     crushed = Structure(Lattice.cubic(2.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])  # 4 Å^3/atom
     scores, info = volume([rocksalt(), swollen, crushed, None], None)
     assert scores[0] == 0.0 and scores[3] == -5.0 and info["invalid"] == 3
     assert scores[1] == pytest.approx(-np.log(10.0)) and scores[2] == pytest.approx(-np.log(2.0))
+
+
+def test_volume_model_fits_element_volumes_and_bands_each_composition():
+    from flowcoach.rewards.crystals import volume
+
+    # rock salts whose volume is exactly the sum of made-up element volumes: the fit recovers them
+    # (two stoichiometries, so the four volumes are identifiable)
+    true = {"Na": 20.0, "K": 35.0, "Cl": 25.0, "Br": 30.0}
+    cells = []
+    for species in (["Na", "Cl"], ["K", "Cl"], ["Na", "Br"], ["K", "Br"], ["Na", "Na", "Cl"], ["K", "Br", "Br"]):
+        v = sum(true[e] for e in species)
+        sites = [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0, 0]][: len(species)]
+        cells.append(Structure(Lattice.cubic(v ** (1 / 3)), species, sites))
+    model = physics.VolumeModel(cells)
+    for el, v in true.items():
+        assert model.volumes[el] == pytest.approx(v, rel=1e-6)
+    assert model.band[0] == pytest.approx(0.0, abs=1e-9) and model.band[1] == pytest.approx(0.0, abs=1e-9)
+    physics.use_volume_model(model)
+    try:
+        nacl = cells[0]
+        swollen = Structure(Lattice.cubic((2 * 45.0) ** (1 / 3)), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+        crushed = Structure(Lattice.cubic((0.5 * 45.0) ** (1 / 3)), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+        unseen = Structure(Lattice.cubic(4.2), ["Cs", "I"], [[0, 0, 0], [0.5, 0.5, 0.5]])  # the fixed window
+        scores, info = volume([nacl, swollen, crushed, unseen], None)
+        assert scores[0] == 0.0 and scores[3] == 0.0 and info["invalid"] == 2
+        assert scores[1] == pytest.approx(-np.log(2.0), abs=1e-6) and scores[2] == pytest.approx(-np.log(2.0), abs=1e-6)
+    finally:
+        physics.use_volume_model(None)
+
