@@ -12,10 +12,14 @@ frame. Each reward is ``fn(clips, conditions) -> (scores [B], info)``:
   component, no blob of a colour the scene has not), and a stable size (area CV).
 - ``video-flicker``: VBench's temporal-flickering formula, (255 - mean MAE of consecutive frames)
   / 255 on uint8, taken over background pixels (content of either frame, dilated, is left out,
-  so motion is not counted as flicker).
+  so motion is not counted as flicker), times ``presence``.
 - ``video-warp``: warping error with OpenCV's Farneback flow (Lai et al. 2018): consecutive frames
   warped onto each other, squared error over non-occluded pixels (forward-backward check); score
-  exp(-E / WARP_SCALE).
+  exp(-E / WARP_SCALE), times ``presence``.
+
+Flicker and warping are gated by ``presence``, the share of frames in which every object of the
+scene is there: an empty clip neither flickers nor warps, and a first RL run (ungated) turned every
+clip black within 15 steps to collect those two terms (benchmarks/video/README.md).
 
 A clip that is not a [T >= 2, H, W, 3] uint8 array, or a condition that names no scene, scores 0
 and is counted in ``info["invalid"]``. Flicker and warping alone rate a frozen clip best; that is
@@ -205,8 +209,21 @@ def flicker_score(clip: np.ndarray, cond=None) -> float:
     return float((255.0 - diff[bg].mean()) / 255.0)
 
 
+def presence(clip: np.ndarray, cond) -> float:
+    """Share of frames in which every object of the scene is there (covering at least a quarter of
+    its area, the physics reward's own test for a missing object)."""
+    scene = physics.decode_condition(cond)
+    scale = clip.shape[2] / physics.SIZE
+    there = np.ones(clip.shape[0], dtype=bool)
+    for colour, shape in physics.OBJECTS[scene.name]:
+        area = coverage(clip, physics.COLOURS[colour]).sum(axis=(1, 2))
+        there &= area >= 0.25 * object_area(shape, scale)
+    return float(there.mean())
+
+
 def flicker_reward(clips: list, conditions) -> tuple[torch.Tensor, dict]:
-    return _batch(clips, conditions, flicker_score)
+    # gated by presence: an empty clip never flickers, and RL found that at once (see the benchmark)
+    return _batch(clips, conditions, lambda clip, cond: presence(clip, cond) * flicker_score(clip))
 
 
 def farneback(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -255,4 +272,4 @@ def warp_score(clip: np.ndarray, cond=None) -> float:
 
 
 def warp_reward(clips: list, conditions) -> tuple[torch.Tensor, dict]:
-    return _batch(clips, conditions, warp_score)
+    return _batch(clips, conditions, lambda clip, cond: presence(clip, cond) * warp_score(clip))

@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--run", required=True, help="the RL run folder")
     parser.add_argument("--time-log", required=True)
     parser.add_argument("--command", required=True, help="the training command, as run")
+    parser.add_argument("--label", default="rl", help="results file: benchmarks/results/video_<label>.json")
+    parser.add_argument("--note", default="", help="what distinguishes this run")
     args = parser.parse_args()
     base = json.loads((ROOT / "domains" / "video" / "base" / "base.json").read_text())
     run = Path(args.run)
@@ -46,7 +48,7 @@ def main() -> None:
                    "command": base["command"], **common, "metrics": base["eval"]["metrics"],
                    "train_wall_s": base["wall_seconds"], "train_cpu_s": base["cpu_seconds"],
                    "final_flow_matching_loss": base["final_loss"]}
-    rl_record = {"label": "rl", "checkpoint": str(run), "source": f"{run}/eval/metrics.json",
+    rl_record = {"label": args.label, "note": args.note, "checkpoint": str(run), "source": f"{run}/eval/metrics.json",
                  "command": args.command,
                  **common, "metrics": {k: v for k, v in metrics.items() if k != "step"}, "rl_steps": metrics["step"],
                  "train_wall_s": timing.get("wall_s"), "train_cpu_s": round(timing["cpu_user_s"] + timing["cpu_sys_s"], 1),

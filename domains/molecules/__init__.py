@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from flowcoach.core.domain import Domain
-from flowcoach.domains.molecules.data import FEATURES, N_MAX, build_split
+from flowcoach.domains.molecules.data import FEATURES, N_MAX, align_to_noise, build_split
 from flowcoach.domains.molecules.decode import decode, save_molecules
 from flowcoach.domains.molecules.evaluate import FCD_MIN_VALID, FCD_REFERENCE_SIZE, canonical, evaluate_molecules
 from flowcoach.domains.molecules.model import MoleculeVelocity
@@ -71,6 +71,20 @@ class MoleculesDomain(Domain):
 
     def build_model(self, **config) -> MoleculeVelocity:
         return MoleculeVelocity(**config)
+
+    def pretrain_batch(self, num_samples: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        # one atom count per batch: the model then runs on no padding (2.5x less pair compute on
+        # QM9). A random molecule picks the count, so every molecule is still drawn with prob 1/M.
+        sizes = self._split("train")[1][:, 0].long()
+        if sizes.shape[0] != num_samples:
+            return super().pretrain_batch(num_samples, batch_size, generator)
+        size = sizes[torch.randint(0, num_samples, (1,), generator=generator)]
+        same = torch.nonzero(sizes == size).flatten()
+        return same[torch.randint(0, same.shape[0], (batch_size,), generator=generator)]
+
+    def couple(self, x0: torch.Tensor, eps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        # atoms are a set in free space: permute and rotate each molecule onto its noise
+        return align_to_noise(x0, eps, cond[:, 0].round().long())
 
     def base_checkpoint(self) -> Path | None:
         path = Path(__file__).parent / "base"

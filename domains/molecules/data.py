@@ -125,3 +125,31 @@ def build_split(limit: int | None, split: str, rotate: bool) -> tuple[torch.Tens
         xs[k] = encode(qm9["types"][i], pos)
         conds.append(condition_of(qm9["types"][i]))
     return torch.from_numpy(xs), torch.tensor(conds, dtype=torch.float32), [qm9["smiles"][i] for i in idx]
+
+
+def align_to_noise(x0: torch.Tensor, eps: torch.Tensor, n_atoms: torch.Tensor) -> torch.Tensor:
+    """Each molecule of x0 [B, N_MAX, FEATURES] re-expressed nearest to its noise eps (equivariant OT).
+
+    Its n real atoms are permuted to the noise rows (Hungarian assignment on the squared distance of
+    the whole feature rows, so the path of every row is as short as a permutation makes it), then its
+    positions rotated about their centre onto the centred noise positions (Kabsch). A permuted and
+    rotated molecule is the same molecule, so the flow's data marginal does not change; its paths
+    straighten (Klein et al. 2023; SemlaFlow). Padding rows are left alone.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    out = x0.clone()
+    for b in range(x0.shape[0]):
+        n = int(n_atoms[b])
+        data, noise = x0[b, :n].double().numpy(), eps[b, :n].double().numpy()
+        noise_pos = noise[:, :3] - noise[:, :3].mean(axis=0)
+        target = np.concatenate([noise_pos, noise[:, 3:]], axis=1)
+        _, order = linear_sum_assignment(((target[:, None] - data[None]) ** 2).sum(-1))
+        rows = data[order]
+        u, _, vt = np.linalg.svd(rows[:, :3].T @ noise_pos)  # Kabsch: R maps data onto noise
+        flip = np.sign(np.linalg.det(vt.T @ u.T))
+        rotation = vt.T @ np.diag([1.0, 1.0, flip]) @ u.T
+        rows[:, :3] = rows[:, :3] @ rotation.T
+        out[b, :n] = torch.from_numpy(rows).to(x0.dtype)
+    return out
+

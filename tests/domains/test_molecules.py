@@ -134,6 +134,37 @@ def test_model_is_e3_and_permutation_equivariant_and_ends_padding_at_the_sentine
     assert decode(samples)[1].num_atoms <= 9
 
 
+def test_coupling_keeps_each_molecule_and_never_lengthens_its_path(domain):
+    x0, cond = domain.data("train")
+    x0, cond = x0[:32], cond[:32]
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    y = domain.couple(x0, eps, cond)
+    assert [m.smiles for m in decode(y)] == [m.smiles for m in decode(x0)]
+    for b in range(32):
+        n = int(cond[b, 0])
+        d0 = torch.cdist(x0[b, :n, :3].double(), x0[b, :n, :3].double())
+        d1 = torch.cdist(y[b, :n, :3].double(), y[b, :n, :3].double())
+        # the same multiset of rows up to a rigid motion: sorted distances and types agree
+        torch.testing.assert_close(d1.flatten().sort().values, d0.flatten().sort().values, atol=1e-4, rtol=0)
+        assert sorted(y[b, :n, 3:].argmax(-1).tolist()) == sorted(x0[b, :n, 3:].argmax(-1).tolist())
+        # the identity is one of the permutations and rotations searched: the coupled path is no longer
+        assert float(((y[b] - eps[b]) ** 2).sum()) <= float(((x0[b] - eps[b]) ** 2).sum()) + 1e-4
+    torch.testing.assert_close(y[:, :, :3].sum(1), torch.zeros(32, 3), atol=1e-4, rtol=0)  # still centred
+
+
+def test_pretrain_batches_hold_one_atom_count_drawn_in_the_data_s_proportions(domain):
+    _, cond = domain.data("train")
+    sizes = cond[:, 0].long()
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(N_MAX + 1)
+    for _ in range(3000):
+        idx = domain.pretrain_batch(len(sizes), 16, g)
+        assert len(set(sizes[idx].tolist())) == 1
+        counts[sizes[idx[0]]] += 1
+    expected = torch.bincount(sizes, minlength=N_MAX + 1).float() / len(sizes)
+    assert (counts / 3000 - expected).abs().max() < 0.03
+
+
 # ----------------------------------------------------------------------------- rewards
 @pytest.mark.parametrize("name", MOL_REWARDS)
 def test_every_reward_scores_valid_invalid_and_empty_molecules(name):
