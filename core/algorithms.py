@@ -42,10 +42,12 @@ def flow_grpo_fast(cfg: TrainConfig) -> None:
 @ALGORITHMS.register("mix-grpo")
 def mix_grpo(cfg: TrainConfig) -> None:
     """MixGRPO (arXiv 2507.21802): a window of 3 SDE steps slides from the noisiest step towards clean
-    ones by 1 step every 10 RL steps and rolls back (progressive; also random, decay, exp-decay);
-    ODE before and after it; only the window is trained."""
+    ones by 1 step every 10 RL steps over the noisier half of the grid (starts 0-4 of 10) and rolls
+    back (progressive; also random, decay, exp-decay); ODE before and after it; only the window is
+    trained."""
     flow_grpo(cfg)
     cfg.sampler.sde_window_size = 3
+    cfg.sampler.sde_window_range = (0, 5)
     cfg.sampler.window_schedule = "progressive"
     cfg.sampler.window_every = 10
     cfg.sampler.window_stride = 1

@@ -99,6 +99,10 @@ def cmd_domains(argv: list[str]) -> None:
     print("rewards:    " + ", ".join(REWARDS.names()))
     print("noise laws: " + ", ".join(NOISE_LAWS.names()))
     print("advantages: " + ", ".join(ADVANTAGES.names()))
+    from flowcoach.core.registry import STRUCTURES
+    import flowcoach.core.sampling.structures  # noqa: F401 - registers the rollout structures
+
+    print("structures: " + ", ".join(STRUCTURES.names()))
 
 
 def cmd_train(argv: list[str]) -> None:

@@ -26,7 +26,7 @@ from flowcoach.core.domain import Domain, get_domain
 from flowcoach.core.losses import (clipped_ratio_loss, fm_log_likelihood, kl_to_reference, nft_loss, nft_optimality,
                                    ratio_norm_log_ratio, velocity_kl)
 from flowcoach.core.policy import FlowPolicy, ForwardCounter, unwrap
-from flowcoach.core.registry import ADVANTAGES, ALGORITHMS, NOISE_LAWS, STRUCTURES, FlowcoachError, normalize_name
+from flowcoach.core.registry import ADVANTAGES, ALGORITHMS, NOISE_LAWS, FlowcoachError, normalize_name
 from flowcoach.core.sampling.laws import law_mean_std
 from flowcoach.core.sampling.rollout import Rollout, cond_to, index_cond
 from flowcoach.core.sampling.sampler import ode_completions, pair_log_probs, sample, time_grid

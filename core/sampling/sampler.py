@@ -266,6 +266,8 @@ def sample(
             x0 = x - rows_like(t, x) * v
             prev = (x0, t) if prev is None or moving.all() else (
                 torch.where(rows_like(moving, x), x0, prev[0]), torch.where(moving, t, prev[1]))
+            if rows.any():  # after noise the multistep history belongs to another path: restart at first order
+                prev = (prev[0], torch.where(rows, torch.ones_like(prev[1]), prev[1]))
         if record_means:
             means.append(mean)
         states.append(x_next)
