@@ -60,6 +60,16 @@ def exploded(structure) -> bool:
     return not structure_ok(structure) or structure.volume / len(structure) > MAX_VOLUME_PER_ATOM
 
 
+CHGNET_CUTOFF = 6.0  # Å: CHGNet's atom-graph radius
+
+
+def has_isolated_atom(structure, cutoff: float = CHGNET_CUTOFF) -> bool:
+    """True where some atom has no neighbour (nor periodic image) within ``cutoff``: CHGNet's graph
+    then has a lone node and its prediction is meaningless (some versions raise, others only warn)."""
+    centers = structure.get_neighbor_list(cutoff)[0]
+    return len(set(centers.tolist())) < len(structure)
+
+
 def structure_key(structure) -> str:
     """A hash of species, lattice and coordinates (to 1e-5): the key of the energy cache."""
     parts = [structure.lattice.matrix.round(5).tobytes(), structure.frac_coords.round(5).tobytes(),
@@ -87,7 +97,7 @@ def chgnet_predict(structures: list, batch_size: int = 16) -> list[dict | None]:
     out: list[dict | None] = [None] * len(structures)
     todo = []
     for i, s in enumerate(structures):
-        if s is None or exploded(s):
+        if s is None or exploded(s) or has_isolated_atom(s):
             continue
         key = structure_key(s)
         if key in _ENERGY_CACHE:
@@ -97,7 +107,7 @@ def chgnet_predict(structures: list, batch_size: int = 16) -> list[dict | None]:
     if todo:
         preds = _predict_guarded([structures[i] for i, _ in todo], batch_size)
         for (i, key), p in zip(todo, preds):
-            if p is None:  # CHGNet refused it (e.g. an isolated atom): counted as invalid
+            if p is None:  # CHGNet refused it: counted as invalid
                 continue
             forces = np.asarray(p["f"], dtype=float)
             norms = np.linalg.norm(forces, axis=1)

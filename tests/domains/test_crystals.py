@@ -324,6 +324,7 @@ def test_a_structure_chgnet_refuses_scores_the_floor_and_is_counted(nacl_hull):
     # valid by distance and volume (197 Å^3/atom), but one atom has no neighbour (nor image) within CHGNet's 6 Å
     isolated = Structure(Lattice.orthorhombic(6.5, 6.5, 14), ["Na", "Cl", "Na"], [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5]])
     assert physics.structure_ok(isolated) and not physics.exploded(isolated)
+    assert physics.has_isolated_atom(isolated) and not physics.has_isolated_atom(rocksalt())
     scores, info = energy([rocksalt(), isolated], None)
     assert scores[1] == -5.0 and info == {"invalid": 1, "exploded": 0}
 
