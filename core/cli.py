@@ -1,4 +1,4 @@
-"""The `flowcoach` console script: domains | pretrain | train | eval | sample | check-domain.
+"""The `flowcoach` console script: domains | pretrain | train | eval | sample | compare | check-domain.
 
 Each subcommand is a dataclass parsed by tyro (field docstrings are the help). The domain is the
 first positional argument. `train --algo NAME` starts from that algorithm's recipe; every other
@@ -11,6 +11,9 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+import tyro
 
 from flowcoach.core.registry import FlowcoachError
 
@@ -22,6 +25,8 @@ commands:
   train          RL fine-tuning (e.g. flowcoach train toy --algo flow-grpo --steps 60)
   eval           held-out evaluation of a base model or checkpoint
   sample         write samples of a model in the domain's native formats
+  compare        base vs tuned checkpoints of any domains, with 95% intervals: one
+                 Markdown + HTML report (e.g. flowcoach compare toy=base toy=runs/<run>)
   check-domain   run the domain contract checks
 
 `flowcoach COMMAND --help` lists a command's options."""
@@ -56,6 +61,29 @@ class SampleArgs(ModelArgs):
     seed: int = 0
     output: str = "samples"
     """Folder to write the samples to."""
+
+
+@dataclass
+class CompareArgs:
+    models: Annotated[tuple[str, ...], tyro.conf.Positional, tyro.conf.arg(metavar="DOMAIN=CHECKPOINT ...")] = ()
+    """Models as DOMAIN=CHECKPOINT: CHECKPOINT is 'base' (the domain's shipped base), a base model
+    folder, a run folder (its newest checkpoint) or a checkpoint folder; e.g. toy=base toy=runs/<run>."""
+    num_samples: int | None = None
+    """Held-out samples (episodes) per model (default: the domain's training eval_samples)."""
+    num_steps: int | None = None
+    """Deterministic ODE steps (default: the domain's training sampler.eval_num_steps)."""
+    shift: float | None = None
+    """Time-grid shift (default: the domain's training sampler.shift)."""
+    seed: int = 12345
+    """Seed of the evaluation noise and of the bootstrap resamples (shared by a domain's models)."""
+    bootstrap: int = 1000
+    """Bootstrap resamples for the 95% intervals (0: no intervals)."""
+    bootstrap_seconds: float = 120.0
+    """Time budget per model for re-running an aggregate-only evaluator on resamples."""
+    device: str = "cpu"
+    """cpu, cuda or auto."""
+    output: str = "reports/compare"
+    """Folder for report.md, report.html, metrics.json, curves/ and samples/."""
 
 
 @dataclass
@@ -208,6 +236,18 @@ def cmd_sample(argv: list[str]) -> None:
     print(f"{len(objects)} samples, mean reward {float(scores.mean()):.4f}; wrote " + ", ".join(str(f) for f in files))
 
 
+def cmd_compare(argv: list[str]) -> None:
+    import tyro
+
+    from flowcoach.core.compare import compare, parse_spec
+
+    args = tyro.cli(CompareArgs, args=argv, prog="flowcoach compare")
+    console = _console()
+    out = compare([parse_spec(m) for m in args.models], args.output, args.num_samples, args.num_steps, args.shift,
+                  args.seed, args.bootstrap, args.bootstrap_seconds, args.device, console=console)
+    console.print(f"written to {out / 'report.md'} and {out / 'report.html'}")
+
+
 def cmd_check(argv: list[str]) -> None:
     import tyro
 
@@ -223,7 +263,7 @@ def cmd_check(argv: list[str]) -> None:
 
 
 COMMANDS = {"domains": cmd_domains, "pretrain": cmd_pretrain, "train": cmd_train, "eval": cmd_eval,
-            "sample": cmd_sample, "check-domain": cmd_check}
+            "sample": cmd_sample, "compare": cmd_compare, "check-domain": cmd_check}
 
 
 def main(argv: list[str] | None = None) -> int:
