@@ -18,6 +18,7 @@ DOMAINS.register("toy", "flowcoach.domains.toy:ToyDomain")
 DOMAINS.register("grasping", "flowcoach.domains.grasping:GraspingDomain")
 DOMAINS.register("molecules", "flowcoach.domains.molecules:MoleculesDomain")
 DOMAINS.register("crystals", "flowcoach.domains.crystals:CrystalsDomain")
+DOMAINS.register("speech", "flowcoach.domains.speech:SpeechDomain")
 DOMAINS.register("video", "flowcoach.domains.video:VideoDomain")
 
 

@@ -14,7 +14,7 @@ eSpeak rendering of the same text for the mel-cepstral distortion.
 - ``speech-mcd``: -MCD / 10 (MCD in dB, DTW-aligned, vs the reference rendering), floored at
   -MCD_CAP / 10: intelligibility and timbre kept.
 - ``speech-voicing`` in [-1, 0]: voicing collapse: 0 while the voiced share of speech frames is at
-  least 3/4 of the band's low end, falling linearly to -1 at no voicing.
+  least half of the band's low end, falling linearly to -1 at no voicing.
 - ``speech-clipping`` in [-1, 0]: -(share of clipped samples) / 1%, floored at -1.
 
 Invalid (non-finite model output) and silent utterances score each reward's worst value and are
@@ -33,7 +33,7 @@ PROSODY_FEATURES = ("f0_level", "f0_range", "final_rise", "energy_std", "pause_r
 MIN_WIDTH = {"f0_level": 0.5, "f0_range": 0.5, "final_rise": 0.5, "energy_std": 0.3, "pause_ratio": 0.01,
              "rate": 0.3}
 MCD_CAP = 40.0
-VOICING_FLOOR = 0.75
+VOICING_FLOOR = 0.5
 CLIP_SCALE = 0.01
 
 

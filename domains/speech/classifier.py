@@ -73,24 +73,53 @@ class StyleClassifier(nn.Module):
 
 
 CLASSIFIER = SHIPPED / "style_classifier.safetensors"  # beside it, style_classifier.json: how it was made
+INTONATION = SHIPPED / "intonation_classifier.safetensors"
+CONTOUR_POINTS = 48
 
 
-def train_classifier(domain, inputs: np.ndarray, epochs: int = 10, batch: int = 64, lr: float = 2e-3,
-                     seed: int = 0, say=print) -> tuple[Path, float]:
-    """Train on the training split's renderings, report accuracy on the held-out split, ship it."""
-    from safetensors.torch import save_file
+def contour_inputs(frames: torch.Tensor) -> torch.Tensor:
+    """[B, 2, CONTOUR_POINTS] timing-free contours from classifier inputs [B, CHANNELS, L]: the F0 of
+    the voiced frames in order (octaves re 100 Hz) and the energy of the frames from the first to
+    the last active one, each resampled to CONTOUR_POINTS. Durations, pauses' lengths and rate are
+    gone; what is left is the shape and level of the melody and the loudness."""
+    f0, voiced, energy = frames[:, audio.N_MELS], frames[:, audio.N_MELS + 1] > 0.5, frames[:, -1]
+    out = torch.zeros(frames.shape[0], 2, CONTOUR_POINTS)
+    for i in range(frames.shape[0]):
+        v = f0[i][voiced[i]]
+        if len(v) >= 2:
+            out[i, 0] = F.interpolate(v[None, None], CONTOUR_POINTS, mode="linear", align_corners=True)[0, 0]
+        active = torch.nonzero(energy[i] > energy[i].max() - ACTIVE_RANGE).flatten()
+        if len(active) >= 2:
+            e = energy[i, int(active[0]): int(active[-1]) + 1]
+            out[i, 1] = F.interpolate(e[None, None], CONTOUR_POINTS, mode="linear", align_corners=True)[0, 0]
+    return out
 
-    corpus = domain.corpus
-    labels = torch.from_numpy(corpus["meta"][:, 1].astype(np.int64))
-    train, held = split_rows(corpus, "train"), split_rows(corpus, "heldout")
-    x = torch.from_numpy(inputs.astype(np.float32))
+
+ACTIVE_RANGE = audio.ACTIVE_DB / 20.0  # the energy channel is (dB + 40) / 20
+
+
+class IntonationClassifier(nn.Module):
+    """Style from the timing-free F0 and energy contours (``contour_inputs``): a small 1-D CNN."""
+
+    def __init__(self, width: int = 32, styles: int = len(STYLE_NAMES)):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv1d(2, width, 5, padding=2), nn.GELU(), nn.Conv1d(width, width, 5, padding=2),
+                                 nn.GELU(), nn.Conv1d(width, width, 5, padding=4, dilation=2), nn.GELU())
+        self.head = nn.Linear(2 * width + 2 * CONTOUR_POINTS, styles)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.net(x)
+        return self.head(torch.cat([h.mean(-1), h.amax(-1), x.flatten(1)], dim=-1))
+
+
+def fit(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, train: np.ndarray, epochs: int, batch: int,
+        lr: float, seed: int, say=print, name: str = "classifier") -> nn.Module:
+    """Cross-entropy with AdamW and a one-cycle schedule on the ``train`` rows."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    model = StyleClassifier()
     steps = epochs * (len(train) // batch)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
-    start = time.perf_counter()
     model.train()
     for step in range(steps):
         idx = torch.from_numpy(train)[torch.randint(0, len(train), (batch,), generator=g)]
@@ -99,20 +128,37 @@ def train_classifier(domain, inputs: np.ndarray, epochs: int = 10, batch: int = 
         loss.backward()
         opt.step()
         schedule.step()
-        if (step + 1) % (steps // 8) == 0:
-            say(f"  classifier step {step + 1}/{steps}: loss {loss.item():.3f}")
-    model.eval()
+        if (step + 1) % max(1, steps // 8) == 0:
+            say(f"  {name} step {step + 1}/{steps}: loss {loss.item():.3f}")
+    return model.eval()
+
+
+def train_classifier(domain, inputs: np.ndarray, epochs: int = 10, batch: int = 64, lr: float = 2e-3,
+                     seed: int = 0, say=print, intonation: bool = False) -> tuple[Path, float]:
+    """Train on the training split's renderings, report accuracy on the held-out split, ship it.
+    ``intonation``: the timing-free contour classifier instead of the full one."""
+    from safetensors.torch import save_file
+
+    corpus = domain.corpus
+    labels = torch.from_numpy(corpus["meta"][:, 1].astype(np.int64))
+    train, held = split_rows(corpus, "train"), split_rows(corpus, "heldout")
+    x = torch.from_numpy(inputs.astype(np.float32))
+    if intonation:
+        x, model, path, epochs = contour_inputs(x), IntonationClassifier(), INTONATION, epochs * 4
+    else:
+        model, path = StyleClassifier(), CLASSIFIER
+    start = time.perf_counter()
+    model = fit(model, x, labels, train, epochs, batch, lr, seed, say, path.stem)
     accuracy = accuracy_of(model, x[held], labels[held])
-    train_accuracy = accuracy_of(model, x[train], labels[train])
-    path = CLASSIFIER
     SHIPPED.mkdir(exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
     per_style = {STYLE_NAMES[s]: accuracy_of(model, x[held][labels[held] == s], labels[held][labels[held] == s])
                  for s in range(len(STYLE_NAMES))}
     path.with_suffix(".json").write_text(json.dumps({
-        "style_key": domain.corpus_config.style_key(), "corpus_key": domain.corpus_config.key(), "epochs": epochs, "batch": batch, "lr": lr, "seed": seed,
-        "train_rows": int(len(train)), "heldout_rows": int(len(held)), "train_accuracy": train_accuracy,
-        "heldout_accuracy": accuracy, "heldout_accuracy_per_style": per_style,
+        "style_key": domain.corpus_config.style_key(), "corpus_key": domain.corpus_config.key(), "epochs": epochs,
+        "batch": batch, "lr": lr, "seed": seed, "train_rows": int(len(train)), "heldout_rows": int(len(held)),
+        "train_accuracy": accuracy_of(model, x[train], labels[train]), "heldout_accuracy": accuracy,
+        "heldout_accuracy_per_style": per_style, "parameters": sum(p.numel() for p in model.parameters()),
         "seconds": round(time.perf_counter() - start, 1),
         "command": "python -m flowcoach.domains.speech.references"}, indent=2))
     return path, accuracy
@@ -126,22 +172,28 @@ def accuracy_of(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> floa
     return float((pred == labels).float().mean())
 
 
-@functools.lru_cache(maxsize=1)
-def load_classifier(style_key: str) -> StyleClassifier:
+def available(path: Path, style_key: str) -> bool:
+    made = json.loads(path.with_suffix(".json").read_text()) if path.exists() else {}
+    return made.get("style_key") == style_key
+
+
+@functools.lru_cache(maxsize=2)
+def load_classifier(style_key: str, intonation: bool = False) -> nn.Module:
     from safetensors.torch import load_file
 
-    made = json.loads(CLASSIFIER.with_suffix(".json").read_text()) if CLASSIFIER.exists() else {}
-    if made.get("style_key") != style_key:
-        raise FlowcoachError(f"no style classifier for style key {style_key} at {CLASSIFIER}; make it with "
+    path = INTONATION if intonation else CLASSIFIER
+    if not available(path, style_key):
+        raise FlowcoachError(f"no classifier for style key {style_key} at {path}; make it with "
                              "`python -m flowcoach.domains.speech.references`")
-    model = StyleClassifier()
-    model.load_state_dict(load_file(CLASSIFIER))
+    model = IntonationClassifier() if intonation else StyleClassifier()
+    model.load_state_dict(load_file(path))
     return model.eval()
 
 
 @torch.no_grad()
-def predict_styles(utterances: list, frames: int, style_key: str) -> torch.Tensor:
-    """[B] predicted style ids of decoded utterances."""
+def predict_styles(utterances: list, frames: int, style_key: str, intonation: bool = False) -> torch.Tensor:
+    """[B] predicted style ids of decoded utterances (by the full or the intonation classifier)."""
     if not utterances:
         return torch.zeros(0, dtype=torch.long)
-    return load_classifier(style_key)(classifier_inputs(utterances, frames)).argmax(-1)
+    x = classifier_inputs(utterances, frames)
+    return load_classifier(style_key, intonation)(contour_inputs(x) if intonation else x).argmax(-1)

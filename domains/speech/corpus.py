@@ -127,7 +127,7 @@ def style_settings(style: str, rng: np.random.Generator) -> dict:
     return {name: int(rng.integers(lo, hi + 1)) for name, (lo, hi) in STYLES[style].items()}
 
 
-def frame_alignment(phoneme_starts: np.ndarray, n_samples_22k: int, frames: int):
+def frame_alignment(phoneme_starts: np.ndarray, frames: int):
     """Per mel frame: the index of the phoneme it falls in, its position inside it (0..1) and that
     phoneme's length in frames. Frame k is centred on sample k * HOP at 16 kHz."""
     centres = np.arange(frames) * audio.HOP * ESPEAK_RATE / audio.SAMPLE_RATE
@@ -148,7 +148,7 @@ def render(text: str, style: str, voice: str, rng: np.random.Generator) -> dict:
     end = min(len(wave), (int(loud[-1]) if len(loud) else 0) + int(0.08 * ESPEAK_RATE))
     wave16 = audio.resample(wave[:end], ESPEAK_RATE).numpy()
     frames = audio.num_frames(len(wave16))
-    idx, position, length = frame_alignment(r.phoneme_starts, end, frames)
+    idx, position, length = frame_alignment(r.phoneme_starts, frames)
     return {"settings": settings, "wave": wave16, "phonemes": r.phonemes, "frame_phoneme": idx,
             "position": position, "phone_frames": length, "frames": frames}
 

@@ -4,10 +4,13 @@ On the decoded utterances (vocoded, re-analysed) of held-out texts:
 
 - ``style_accuracy`` (and per style): the share whose style the corpus-trained classifier
   (``classifier``, a CNN over the re-analysed frames, never a reward) recognises as the asked one;
+  ``intonation_accuracy``: the same by a classifier of the timing-free F0 and energy contours (the
+  durations come from the condition, so the first classifier can lean on timing; this one cannot);
 - per style: median F0 level / range / final rise (semitones), energy std (dB), pause ratio, rate,
   voiced fraction, and ``in_band`` (per feature and overall): the share of utterances inside the
   style's target band, next to the same figures of the eSpeak references;
 - ``mcd``: mel-cepstral distortion (dB, DTW) to the eSpeak rendering of the same text and style;
+- ``cer``: character error rate of the recogniser trained here (``recognizer``) against the text;
 - ``invalid_rate``, ``silent_rate``, ``clipped_rate`` (utterances with any clipped sample);
 - ``rtf_vocoder``: Griffin-Lim seconds per second of audio (the model's share of the real-time
   factor depends on the sampler's steps and is measured in benchmarks/speech).
@@ -18,9 +21,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
-from flowcoach.domains.speech import audio
+from flowcoach.domains.speech import audio, recognizer
 from flowcoach.domains.speech.corpus import STYLE_NAMES
 from flowcoach.rewards.speech import PROSODY_FEATURES
 
@@ -39,15 +41,21 @@ def evaluate_utterances(domain, objects: list, conditions: dict) -> dict[str, fl
     out = {"invalid_rate": float(np.mean([u.invalid for u in objects])),
            "silent_rate": float(np.mean([u.silent for u in objects])),
            "clipped_rate": float(np.mean([u.clipped > 0 for u in objects]))}
+    key = domain.corpus_config.style_key()
     if domain.use_classifier:
-        from flowcoach.domains.speech.classifier import predict_styles
+        from flowcoach.domains.speech.classifier import INTONATION, available, predict_styles
 
-        pred = predict_styles(objects, domain.max_frames, domain.corpus_config.style_key())
-        correct = (pred == styles).float()
-        out["style_accuracy"] = float(correct.mean())
-        for s, name in enumerate(STYLE_NAMES):
-            if (styles == s).any():
-                out[f"style_accuracy/{name}"] = float(correct[styles == s].mean())
+        for name, intonation in (("style_accuracy", False), ("intonation_accuracy", True)):
+            if intonation and not available(INTONATION, key):
+                continue
+            correct = (predict_styles(objects, domain.max_frames, key, intonation) == styles).float()
+            out[name] = float(correct.mean())
+            for s, style in enumerate(STYLE_NAMES):
+                if (styles == s).any():
+                    out[f"{name}/{style}"] = float(correct[styles == s].mean())
+    if getattr(domain, "use_recognizer", False) and "text" in conditions and recognizer.available(key):
+        heard = recognizer.recognise(objects, domain.max_frames, key)
+        out["cer"] = recognizer.character_error_rate(heard, [recognizer.decode_codes(t) for t in conditions["text"]])
     scores, _ = mcd(objects, {**conditions, "bands": bands})
     mcds = [-10.0 * float(scores[i]) for i in range(len(objects)) if ok[i]]
     out["mcd"] = float(np.mean(mcds)) if mcds else float("nan")

@@ -17,8 +17,8 @@ with the encoded text. Here, at CPU size:
   input), so a sample does not depend on the noise in its padding.
 
 The model reads only the condition keys ``tokens``, ``position``, ``phone_frames``, ``style``,
-``voice`` and ``length``; the reference mel and target bands that rewards use (``ref``, ``bands``)
-are never inputs (tests check it).
+``voice`` and ``length``; what rewards and the evaluator use (``ref``, ``bands``, ``text``) is never
+an input (tests check it).
 """
 
 from __future__ import annotations

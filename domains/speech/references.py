@@ -12,7 +12,7 @@ key (styles, voices, audio settings: ``CorpusConfig.style_key``), and is remade 
 
     python -m flowcoach.domains.speech.references
 
-which also trains the evaluator's style classifier (``classifier``) and writes both to ``shipped/``.
+which also trains the evaluator's two style classifiers (``classifier``) and writes all to ``shipped/``.
 """
 
 from __future__ import annotations
@@ -118,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = domain.corpus["meta"]
     bands = compute_bands(refs["features"], meta, split_rows(domain.corpus, "train"))
     print(f"bands written to {write_bands(domain, bands, refs['features'])}")
-    path, accuracy = train_classifier(domain, refs["inputs"])
-    print(f"style classifier written to {path}: held-out accuracy {accuracy:.3f}")
+    for intonation in (False, True):
+        path, accuracy = train_classifier(domain, refs["inputs"], intonation=intonation)
+        print(f"{path.stem} written to {path}: held-out accuracy {accuracy:.3f}")
     print(f"{time.perf_counter() - start:.0f} s wall, {time.process_time() - cpu:.0f} s CPU")
     return 0
 

@@ -78,7 +78,7 @@ class VideoDomain(Domain):
 
     def model_config(self) -> dict:
         return {"cond_dim": physics.COND_DIM, "heads": self.width // 16, "head_dim": 16, "layers": self.layers,
-                "ffn": 4 * self.width}
+                "ffn": 4 * self.width, "position_frequencies": [3, 4, 4]}
 
     def build_model(self, **config) -> VideoVelocity:
         return VideoVelocity(**config, lora_rank=self.lora_rank)

@@ -53,27 +53,59 @@ class StateTokens(nn.Module):
         return self.value(features) + self.slot
 
 
+def position_channels(frames: int, height: int, width: int, frequencies: tuple[int, int, int] = (3, 4, 4)) -> torch.Tensor:
+    """Fourier features of each pixel's (frame, y, x): [C, frames, height, width], C = 2 * sum(frequencies).
+
+    Wan has no absolute position embedding (RoPE in self-attention is relative; the patch embedding
+    and cross-attention see none), so from pure noise it cannot tell where in the frame a token is,
+    and the condition cannot say where to draw an object. These channels, concatenated to x_t, give
+    the patch embedding every pixel's place: per axis sin / cos of pi * 2^k * u, u in [-1, 1],
+    periods from the whole axis down to 1 / 2^(k-1) of it.
+    """
+    axes = []
+    for size, k in zip((frames, height, width), frequencies):
+        u = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2.0 - 1.0
+        f = math.pi * 2.0 ** torch.arange(k, dtype=torch.float32)
+        axes.append(torch.cat([torch.sin(u[:, None] * f), torch.cos(u[:, None] * f)], dim=1))  # [size, 2k]
+    t_, h_, w_ = axes
+    grids = [t_[:, None, None, :].expand(frames, height, width, -1), h_[None, :, None, :].expand(frames, height, width, -1),
+             w_[None, None, :, :].expand(frames, height, width, -1)]
+    return torch.cat(grids, dim=-1).permute(3, 0, 1, 2).contiguous()
+
+
 class VideoVelocity(nn.Module):
     """v(x_t, t, cond) for clips x [B, 3, frames, H, W] (pixel values in [-1, 1]); cond [B, COND_DIM]."""
 
     def __init__(self, cond_dim: int, channels: int = 3, patch: tuple[int, int, int] = (2, 4, 4), heads: int = 4,
                  head_dim: int = 16, layers: int = 4, ffn: int = 256, text_dim: int = 32, freq_dim: int = 64,
-                 lora_rank: int = 0, lora_alpha: float | None = None):
+                 lora_rank: int = 0, lora_alpha: float | None = None, position_frequencies: tuple[int, int, int] = (3, 4, 4),
+                 prediction: str = "x0/t"):
         super().__init__()
+        self.prediction = prediction
         from diffusers import WanTransformer3DModel
 
         self.state_tokens = StateTokens(cond_dim, text_dim)
+        self.position_frequencies = tuple(int(k) for k in position_frequencies)
+        extra = 2 * sum(self.position_frequencies)
         self.net = DiffusersVelocity(WanTransformer3DModel(
-            patch_size=tuple(patch), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=channels,
+            patch_size=tuple(patch), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=channels + extra,
             out_channels=channels, text_dim=text_dim, freq_dim=freq_dim, ffn_dim=ffn, num_layers=layers,
             cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64))
         self.lora_rank = int(lora_rank)
         self.lora_alpha = float(lora_alpha) if lora_alpha is not None else 2.0 * self.lora_rank
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        out = self.net(x_t, t, {"encoder_hidden_states": self.state_tokens(cond)})
-        t = torch.as_tensor(t, device=x_t.device).float().expand(x_t.shape[0]).reshape(-1, *([1] * (x_t.dim() - 1)))
-        return x_t / t.clamp_min(T_MIN) - out  # out estimates x0 / t: the clean clip is t * out
+        tb = torch.as_tensor(t, device=x_t.device).float().expand(x_t.shape[0]).reshape(-1, *([1] * (x_t.dim() - 1)))
+        d = ((1 - tb) ** 2 + tb ** 2).sqrt()
+        inp = x_t / d if self.prediction == "edm" else x_t
+        pos = position_channels(*x_t.shape[2:], self.position_frequencies).to(x_t)
+        inputs = torch.cat([inp, pos.expand(x_t.shape[0], *pos.shape)], dim=1) if pos.shape[0] else inp
+        out = self.net(inputs, t, {"encoder_hidden_states": self.state_tokens(cond)})
+        if self.prediction == "edm":
+            return (2 * tb - 1) / d**2 * x_t + out / d
+        if self.prediction == "x0":
+            return (x_t - out) / tb.clamp_min(T_MIN)
+        return x_t / tb.clamp_min(T_MIN) - out  # out estimates x0 / t: the clean clip is t * out
 
     # ------------------------------------------------------------------ LoRA
     @property

@@ -95,7 +95,7 @@ def test_styles_are_rendered_with_their_markup():
 
 def test_frame_alignment_by_hand():
     # phonemes start at 0, 500, 1200 (22,050 Hz); frame k is centred on k * 256 * 22050 / 16000 = k * 352.8
-    idx, pos, length = frame_alignment(np.array([0, 500, 1200]), 1600, 5)
+    idx, pos, length = frame_alignment(np.array([0, 500, 1200]), 5)
     assert idx.tolist() == [0, 0, 1, 1, 2]
     assert length.tolist() == [2, 2, 2, 2, 1]
     np.testing.assert_allclose(pos, [0.25, 0.75, 0.25, 0.75, 0.5])
@@ -322,7 +322,8 @@ def test_model_pads_with_silence_and_never_reads_reward_keys(tiny):
     n = cond["length"]
     for i in range(4):  # the exact flow to silence on padding
         torch.testing.assert_close(v[i, :, n[i]:], (x[i, :, n[i]:] - audio.SILENCE) / t[i])
-    tampered = {**cond, "ref": torch.randn_like(cond["ref"]), "bands": torch.randn_like(cond["bands"])}
+    tampered = {**cond, "ref": torch.randn_like(cond["ref"]), "bands": torch.randn_like(cond["bands"]),
+                "text": torch.zeros_like(cond["text"])}
     torch.testing.assert_close(model(x, t, tampered), v)
     x2 = x.clone()
     x2[0, :, n[0]:] = torch.randn_like(x2[0, :, n[0]:])  # other noise in the padding only
@@ -348,6 +349,39 @@ def test_shipped_classifier_recognises_held_out_renderings(tiny):
     rows = split_rows(tiny.corpus, "heldout")  # the full corpus' first held-out renderings
     pred = predict_styles(decode(tiny.mels()[rows]), tiny.max_frames, TINY.style_key())
     assert (pred == torch.from_numpy(tiny.corpus["meta"][rows, 1])).float().mean() >= 0.8
+
+
+def test_intonation_contours_ignore_timing_and_its_classifier_is_shipped(refs):
+    from flowcoach.domains.speech.classifier import INTONATION, classifier_inputs, contour_inputs
+
+    objects = refs[0][:4]
+    x = classifier_inputs(objects, 160)
+    stretched = torch.full((4, x.shape[1], 320), 0.0)
+    stretched[:, :, :] = x.repeat_interleave(2, dim=-1)  # every frame twice: the same speech, half as fast
+    a, b = contour_inputs(x), contour_inputs(stretched)
+    assert (a - b).abs().mean() < 0.02 and a[:, 0].abs().sum() > 0
+    record = json.loads(INTONATION.with_suffix(".json").read_text())
+    assert record["heldout_accuracy"] >= 0.9 and record["style_key"] == TINY.style_key()
+
+
+def test_cer_by_hand_and_the_shipped_recogniser_on_held_out_renderings(tiny):
+    from flowcoach.domains.speech.recognizer import (RECOGNIZER, character_error_rate, decode_codes, edit_distance,
+                                                     recognise, text_codes)
+
+    assert edit_distance("kitten", "sitting") == 3 and edit_distance("", "abc") == 3
+    assert character_error_rate(["the dog", "a cat"], ["the dog", "a bat"]) == pytest.approx(1 / 12)
+    assert decode_codes(text_codes(["The dog found the key"])[0]) == "the dog found the key"
+    if not RECOGNIZER.exists():
+        pytest.skip("no shipped recogniser yet")
+    record = json.loads(RECOGNIZER.with_suffix(".json").read_text())
+    assert record["heldout_cer"] < 0.15 and record["style_key"] == TINY.style_key()
+    rows = split_rows(tiny.corpus, "heldout")
+    objects = decode(tiny.mels()[rows])
+    texts = [decode_codes(t) for t in tiny.conditions(rows)["text"]]
+    assert character_error_rate(recognise(objects, tiny.max_frames, TINY.style_key()), texts) < 0.2
+    noise = [utterance_of(0.1 * torch.randn(len(u.wave), generator=torch.Generator().manual_seed(i)), u.frames)
+             for i, u in enumerate(objects[:5])]
+    assert character_error_rate(recognise(noise, tiny.max_frames, TINY.style_key()), texts[:5]) > 0.6
 
 
 def test_shipped_base_meets_its_recorded_figures_on_a_held_out_subset(tiny):
