@@ -28,6 +28,7 @@ commands:
   compare        base vs tuned checkpoints of any domains, with 95% intervals: one
                  Markdown + HTML report (e.g. flowcoach compare toy=base toy=runs/<run>)
   check-domain   run the domain contract checks
+  serve-rewards  serve rewards over HTTP (train with --rewards http://HOST:PORT/NAME=WEIGHT)
 
 `flowcoach COMMAND --help` lists a command's options."""
 
@@ -262,8 +263,16 @@ def cmd_check(argv: list[str]) -> None:
         print(f"{name}: {len(passed)} checks passed ({'; '.join(passed)})")
 
 
+def cmd_serve_rewards(argv: list[str]) -> None:
+    import tyro
+
+    from flowcoach.rewards.server import ServeArgs, serve
+
+    serve(tyro.cli(ServeArgs, args=argv, prog="flowcoach serve-rewards"))
+
+
 COMMANDS = {"domains": cmd_domains, "pretrain": cmd_pretrain, "train": cmd_train, "eval": cmd_eval,
-            "sample": cmd_sample, "compare": cmd_compare, "check-domain": cmd_check}
+            "sample": cmd_sample, "compare": cmd_compare, "check-domain": cmd_check, "serve-rewards": cmd_serve_rewards}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,16 @@ REWARDS.register("video-flicker", "flowcoach.rewards.video:flicker_reward")
 REWARDS.register("video-warp", "flowcoach.rewards.video:warp_reward")
 
 
+def get_reward(name: str) -> RewardFn:
+    """A registered reward, a ``module:attr``, or a reward server's URL ``http://HOST:PORT/NAME``
+    (scored remotely, see flowcoach.rewards.server)."""
+    if name.strip().lower().startswith(("http://", "https://")):
+        from flowcoach.rewards.server import RemoteReward
+
+        return RemoteReward(name)
+    return REWARDS.get(name)
+
+
 class CompositeReward:
     """A weighted sum of named rewards; each component is also reported on its own.
 
@@ -60,7 +70,7 @@ class CompositeReward:
             raise FlowcoachError("no reward given; pass --rewards NAME=WEIGHT (see `flowcoach domains`)")
         self.names = list(weights)
         self.weights = torch.tensor([float(weights[n]) for n in self.names])
-        self.fns: list[RewardFn] = [REWARDS.get(n) for n in self.names]
+        self.fns: list[RewardFn] = [get_reward(n) for n in self.names]
 
     def __call__(self, objects: list, conditions: Any) -> tuple[torch.Tensor, dict]:
         parts, info = [], {}
@@ -78,12 +88,18 @@ class CompositeReward:
 
 
 def parse_reward_spec(spec: tuple[str, ...] | list[str] | dict[str, float]) -> dict[str, float]:
-    """["a=1", "b=0.5"] (or a dict) -> {"a": 1.0, "b": 0.5}; a bare name has weight 1."""
+    """["a=1", "b=0.5"] (or a dict) -> {"a": 1.0, "b": 0.5}; a bare name has weight 1.
+    A name may be a reward server's URL: "http://host:8000/mol-qed?timeout=60=0.5"."""
     if isinstance(spec, dict):
         return {k: float(v) for k, v in spec.items()}
     weights = {}
     for item in spec:
-        name, _, weight = item.partition("=")
+        if item.strip().lower().startswith(("http://", "https://")):
+            from flowcoach.rewards.server import split_weight
+
+            name, weight = split_weight(item)
+        else:
+            name, _, weight = item.partition("=")
         try:
             weights[name.strip()] = float(weight) if weight else 1.0
         except ValueError:
