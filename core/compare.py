@@ -621,7 +621,8 @@ def render_html(reports: list[DomainReport], out: Path, details: str, method: st
                       samples_html(folder, out), "</div>"]
         parts.append("</div>")
     parts += ["</section>", f'<section id="method"><h2>Method</h2><p>{e(method)}</p>',
-              html_table(METHOD_HEADER, method_rows(reports), "method"), "</section>",
+              "<details><summary>how each interval was computed</summary>",
+              html_table(METHOD_HEADER, method_rows(reports), "method"), "</details></section>",
               f"<script>{CHECK_JS}</script></body></html>"]
     return "\n".join(parts) + "\n"
 
