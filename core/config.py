@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import yaml
@@ -172,6 +174,11 @@ class TrainConfig:
     batch-invariant. Off: the rollout's log-probs are used (exact when micro-batches are not tiny)."""
     rewards: tuple[str, ...] = ()
     """Rewards as NAME=WEIGHT (default: the domain's)."""
+    reward_errors: Literal["raise", "floor", "skip"] = "raise"
+    """When a reward raises on a sample: raise (stop with a one-line error naming the reward and the
+    sample), floor (that sample gets the reward's floor: its ``floor`` attribute, else the batch's
+    lowest score), or skip (the step makes no update, counted in skipped/nonfinite_reward). Each
+    error is reported with the sample's index and a short repr, and counted in reward/errors."""
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     sample_every: int = 50
@@ -230,13 +237,27 @@ def from_dict(cls, data: dict):
 
 
 def save_yaml(cfg, path) -> None:
-    with open(path, "w") as f:
+    """Write the config atomically (a temporary file renamed over it): a kill never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
         yaml.safe_dump(_plain(to_dict(cfg)), f, sort_keys=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def load_yaml(cls, path):
-    with open(path) as f:
-        return from_dict(cls, yaml.safe_load(f))
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise FlowcoachError(f"config '{path}' is unreadable ({type(e).__name__})") from e
+    if not isinstance(data, dict):
+        raise FlowcoachError(f"config '{path}' is not a mapping of fields")
+    return from_dict(cls, data)
+
+
 
 
 def _plain(value):

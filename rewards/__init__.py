@@ -49,6 +49,34 @@ REWARDS.register("video-flicker", "flowcoach.rewards.video:flicker_reward")
 REWARDS.register("video-warp", "flowcoach.rewards.video:warp_reward")
 
 
+REWARD_ERRORS = ("raise", "floor", "skip")
+"""What a CompositeReward does when a reward raises on a sample (TrainConfig.reward_errors)."""
+
+
+def short_repr(obj: Any, limit: int = 60) -> str:
+    """A one-line repr of at most ``limit`` characters (numpy and torch summarise big arrays)."""
+    text = " ".join(repr(obj).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def index_conditions(conditions: Any, idx: list[int]) -> Any:
+    """The conditions of the samples ``idx``: rows of a tensor/array/list, per key of a dict; None stays None."""
+    if conditions is None:
+        return None
+    if isinstance(conditions, dict):
+        return {k: index_conditions(v, idx) for k, v in conditions.items()}
+    if isinstance(conditions, torch.Tensor):
+        return conditions[torch.as_tensor(idx, dtype=torch.long)]
+    if hasattr(conditions, "shape"):  # numpy
+        return conditions[idx]
+    return [conditions[i] for i in idx]
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
 def get_reward(name: str) -> RewardFn:
     """A registered reward, a ``module:attr``, or a reward server's URL ``http://HOST:PORT/NAME``
     (scored remotely, see flowcoach.rewards.server)."""
@@ -62,28 +90,96 @@ def get_reward(name: str) -> RewardFn:
 class CompositeReward:
     """A weighted sum of named rewards; each component is also reported on its own.
 
-    ``components`` in the info is [B, K] in the order of ``names`` (for per-reward advantages).
+    ``components`` in the info is [B, K] in the order of ``names`` (for per-reward advantages);
+    ``errors`` counts the samples on which a reward raised. A reward that raises on the batch is
+    called on each sample alone to find the ones that raise, then once more on the others (so
+    rewards that look at the whole batch still see it); ``on_error`` decides what the failing
+    samples get (see ``REWARD_ERRORS``): raise a FlowcoachError naming the reward and the sample,
+    the reward's floor (its ``floor`` attribute, else the lowest score of the others, else 0), or
+    NaN so the trainer skips the step. A reward that raises on the batch but on no sample alone
+    is raised as a FlowcoachError whatever ``on_error`` says.
     """
 
-    def __init__(self, weights: dict[str, float]):
+    def __init__(self, weights: dict[str, float], on_error: str = "raise"):
         if not weights:
             raise FlowcoachError("no reward given; pass --rewards NAME=WEIGHT (see `flowcoach domains`)")
+        if on_error not in REWARD_ERRORS:
+            raise FlowcoachError(f"reward_errors must be one of {', '.join(REWARD_ERRORS)}, got '{on_error}'")
         self.names = list(weights)
         self.weights = torch.tensor([float(weights[n]) for n in self.names])
         self.fns: list[RewardFn] = [get_reward(n) for n in self.names]
+        self.on_error = on_error
+
+    def _scores(self, name: str, fn: RewardFn, objects: list, conditions: Any) -> tuple[torch.Tensor, dict]:
+        scores, info = fn(objects, conditions)
+        scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
+        if scores.shape[0] != len(objects):
+            raise FlowcoachError(f"reward '{name}' returned {scores.shape[0]} scores for {len(objects)} objects")
+        return scores, dict(info)
+
+    def _isolate(self, name: str, fn: RewardFn, objects: list, conditions: Any,
+                 batch_error: Exception) -> tuple[torch.Tensor, dict, int]:
+        """Scores when ``fn`` raised on the batch: find the failing samples and handle them."""
+        failed = []
+        for i in range(len(objects)):
+            try:
+                fn([objects[i]], index_conditions(conditions, [i]))
+            except FlowcoachError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a reward's own bug, reported with its sample
+                failed.append((i, e))
+        B = len(objects)
+        if not failed:
+            raise FlowcoachError(f"reward '{name}' raised on the batch of {B} but on no sample alone: "
+                                 f"{_one_line(batch_error)}") from batch_error
+        i, e = failed[0]
+        where = f"sample {i} of {B} ({short_repr(objects[i])})"
+        more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
+        if self.on_error == "raise":
+            raise FlowcoachError(f"reward '{name}' raised on {where}{more}: {_one_line(e)}; fix the reward "
+                                 "or set --reward-errors floor|skip") from e
+        bad = [i for i, _ in failed]
+        good = [i for i in range(B) if i not in bad]
+        scores = torch.full((B,), float("nan"))
+        info: dict = {}
+        if good:
+            try:
+                part, info = self._scores(name, fn, [objects[i] for i in good], index_conditions(conditions, good))
+            except FlowcoachError:
+                raise
+            except Exception as e2:  # noqa: BLE001
+                raise FlowcoachError(f"reward '{name}' raised on {where}{more}, and again on the other samples: "
+                                     f"{_one_line(e2)}") from e2
+            scores[good] = part
+        if self.on_error == "floor":
+            floor = getattr(fn, "floor", None)
+            finite = scores[torch.isfinite(scores)]
+            floor = float(floor) if floor is not None else (float(finite.min()) if len(finite) else 0.0)
+            scores[bad] = floor
+            outcome = f"scored {floor:g} (its floor)"
+        else:
+            outcome = "scored NaN: the step is skipped"
+        print(f"warning: reward '{name}' raised on {where}{more}: {_one_line(e)}; {outcome} (reward_errors={self.on_error})")
+        info = {k: v for k, v in info.items()}
+        info["errors"] = len(failed)
+        return scores, info, len(failed)
 
     def __call__(self, objects: list, conditions: Any) -> tuple[torch.Tensor, dict]:
-        parts, info = [], {}
+        parts, info, errors = [], {}, 0
         for name, fn in zip(self.names, self.fns):
-            scores, part_info = fn(objects, conditions)
-            scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
-            if scores.shape[0] != len(objects):
-                raise FlowcoachError(f"reward '{name}' returned {scores.shape[0]} scores for {len(objects)} objects")
+            try:
+                scores, part_info = self._scores(name, fn, objects, conditions)
+            except FlowcoachError:
+                raise
+            except Exception as e:  # noqa: BLE001 - isolate the failing samples
+                scores, part_info, n = self._isolate(name, fn, objects, conditions, e)
+                errors += n
             parts.append(scores)
             for k, v in part_info.items():
                 info[f"{name}/{k}"] = v
         components = torch.stack(parts, dim=1)
         info["components"] = components
+        info["errors"] = errors
         return components @ self.weights, info
 
 
@@ -107,5 +203,5 @@ def parse_reward_spec(spec: tuple[str, ...] | list[str] | dict[str, float]) -> d
     return weights
 
 
-def build_reward(spec: tuple[str, ...] | list[str] | dict[str, float]) -> CompositeReward:
-    return CompositeReward(parse_reward_spec(spec))
+def build_reward(spec: tuple[str, ...] | list[str] | dict[str, float], on_error: str = "raise") -> CompositeReward:
+    return CompositeReward(parse_reward_spec(spec), on_error)
