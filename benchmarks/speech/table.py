@@ -12,9 +12,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 STYLES = ("neutral", "excited", "sad", "question", "emphatic")
-OVERALL = [("style_accuracy", "style acc.", 3), ("mcd", "MCD dB", 2), ("cer", "CER", 3), ("in_band", "in band", 3),
+OVERALL = [("style_accuracy", "style acc.", 3), ("intonation_accuracy", "intonation acc.", 3), ("mcd", "MCD dB", 2), ("cer", "CER", 3), ("in_band", "in band", 3),
            ("reward_mean", "reward", 3), ("invalid_rate", "invalid", 3), ("clipped_rate", "clipped", 3)]
-PER_STYLE = [("style_accuracy/{s}", "acc.", 2), ("{s}/in_band", "in band", 2), ("{s}/f0_level", "F0 level st", 1),
+PER_STYLE = [("style_accuracy/{s}", "acc.", 2), ("intonation_accuracy/{s}", "inton. acc.", 2), ("{s}/in_band", "in band", 2), ("{s}/f0_level", "F0 level st", 1),
              ("{s}/f0_range", "F0 range st", 1), ("{s}/final_rise", "final rise st", 1),
              ("{s}/energy_std", "energy std dB", 1), ("{s}/pause_ratio", "pauses", 3), ("{s}/rate", "rate /s", 1),
              ("{s}/voiced_fraction", "voiced", 2)]
