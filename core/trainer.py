@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from flowcoach.core.checkpoint import (list_checkpoints, load_base, load_checkpoint, load_old_state,
+from flowcoach.core.checkpoint import (clean_stale, list_checkpoints, load_base, load_checkpoint, load_old_state,
                                        save_checkpoint)
 from flowcoach.core.config import TrainConfig, load_yaml, save_yaml
 from flowcoach.core.domain import Domain, get_domain
@@ -134,6 +134,14 @@ def validate(cfg: TrainConfig, domain: Domain | None = None) -> None:
                              "sampling times; lower it or use --loss.fwd-time uniform")
     if cfg.loss.fwd_draws < 1:
         raise FlowcoachError("loss.fwd_draws must be >= 1")
+    if cfg.reward_errors not in ("raise", "floor", "skip"):
+        raise FlowcoachError(f"reward_errors must be raise, floor or skip, got '{cfg.reward_errors}'")
+    for name, least in (("checkpoint_every", 1), ("keep_checkpoints", 0), ("sample_every", 0), ("eval_every", 0),
+                        ("eval_samples", 1)):
+        if getattr(cfg, name) < least:
+            raise FlowcoachError(f"{name} must be >= {least}, got {getattr(cfg, name)}")
+    if cfg.loss.anchor_weight > 0 and cfg.loss.anchor_batch < 1:
+        raise FlowcoachError(f"loss.anchor_batch must be >= 1 with data anchoring, got {cfg.loss.anchor_batch}")
     if domain is not None and domain.kind == "interact":
         if not structure.interact:
             raise FlowcoachError(f"the '{cfg.sampler.structure}' structure shares denoising states between the samples "
@@ -386,7 +394,7 @@ def write_eval_report(out: Path, metrics: dict, title: str, details: str) -> Non
 
 def evaluate_model(model, domain: Domain, num_samples: int, num_steps: int, shift: float = 1.0,
                    rewards: dict | None = None, seed: int = 12345, device="cpu",
-                   render: int = 0) -> tuple[dict, list, torch.Tensor]:
+                   render: int = 0, reward_errors: str = "raise") -> tuple[dict, list, torch.Tensor]:
     """Held-out evaluator metrics plus the training reward on eval conditions, with ODE samples.
 
     Interact domains: ``render`` episodes are replayed with frames for the saved video.
@@ -394,7 +402,7 @@ def evaluate_model(model, domain: Domain, num_samples: int, num_steps: int, shif
     from flowcoach.rewards import build_reward
 
     cond = domain.eval_conditions(num_samples)
-    reward_fn = build_reward(rewards or domain.default_rewards())
+    reward_fn = build_reward(rewards or domain.default_rewards(), on_error=reward_errors)
     extra = {}
     if domain.kind == "interact":
         from flowcoach.core.interact import evaluate_episodes
@@ -436,11 +444,19 @@ def find_resume_dir(cfg: TrainConfig, domain_name: str) -> Path:
             )
         return candidates[-1]
     path = Path(cfg.resume)
-    if (path / "state.json").exists():  # a checkpoint folder
+    if (path / "state.json").exists() or (path.is_dir() and path.parent.name == "checkpoints"):  # a checkpoint folder
         return path.parent.parent
     if not (path / "config.yaml").exists():
         raise FlowcoachError(f"--resume '{cfg.resume}' is neither 'latest', a run folder nor a checkpoint folder")
     return path
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a line a kill cut short (it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class MetricsLog:
@@ -453,7 +469,7 @@ class MetricsLog:
         if not enabled:
             return
         if resume_step and self.path.exists():  # drop steps logged after the checkpoint: they are redone
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            kept = [line for line in self.path.read_text().splitlines() if _logged_step(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -489,12 +505,17 @@ def train(cfg: TrainConfig, domain: Domain | None = None, console=None) -> Path:
         steps, resume, budget = cfg.steps, cfg.resume, cfg.time_budget_s
         cfg = load_yaml(TrainConfig, resume_dir / "config.yaml")
         cfg.steps, cfg.resume, cfg.time_budget_s = steps, resume, budget
+        newest = list_checkpoints(resume_dir)[-1:]
+        if newest:  # before building anything: a run of another domain is refused at once
+            from flowcoach.core.checkpoint import read_state
+
+            read_state(newest[0], domain.name, verify=False)
     validate(cfg, domain)
 
     accelerator = Accelerator(cpu=use_cpu(cfg.device))
     plan = plan_batches(cfg, accelerator.num_processes, getattr(domain, "max_chunks", 1) if domain.kind == "interact" else 1)
     reward_spec = parse_reward_spec(cfg.rewards) if cfg.rewards else domain.default_rewards()
-    reward_fn = build_reward(reward_spec)
+    reward_fn = build_reward(reward_spec, on_error=cfg.reward_errors)
     say = (console.print if console is not None else print) if accelerator.is_main_process else (lambda *a, **k: None)
 
     model, base_record = load_base(domain, cfg.base)
@@ -518,12 +539,21 @@ def train(cfg: TrainConfig, domain: Domain | None = None, console=None) -> Path:
     start, totals = 0, {"nfe": 0, "cpu_s": 0.0, "wall_s": 0.0}
     if resume_dir is not None:
         run_dir = resume_dir
-        checkpoints = list_checkpoints(run_dir)
-        if not checkpoints:
+        explicit = Path(cfg.resume) if Path(cfg.resume).parent.name == "checkpoints" else None
+        incomplete: list = []
+        checkpoints = list_checkpoints(run_dir, incomplete)
+        if explicit is None and not checkpoints:
             raise FlowcoachError(f"run '{run_dir}' has no complete checkpoint to resume from")
-        ckpt = Path(cfg.resume) if (Path(cfg.resume) / "state.json").exists() else checkpoints[-1]
-        state = load_checkpoint(ckpt, unwrap(policy.model), optimizer, policy.ema)
+        ckpt = explicit or checkpoints[-1]
+        for path, problem in incomplete:  # the newest complete one is used; say what was passed over
+            if explicit is None and int(path.name.split("-")[1]) > int(ckpt.name.split("-")[1]):
+                say(f"warning: skipping {path.name} ({problem}); resuming from {ckpt.name}")
+        state = load_checkpoint(ckpt, unwrap(policy.model), optimizer, policy.ema, domain_name=domain.name)
         start = state["step"]
+        if cfg.steps < start:
+            raise FlowcoachError(f"{ckpt.name} is at step {start}; --steps {cfg.steps} is behind it (give --steps >= {start})")
+        if accelerator.is_main_process:
+            clean_stale(run_dir)  # what a save that was killed left behind
         totals.update(state.get("totals", {}))
         if policy.old_model is not None:
             old = load_old_state(ckpt)
@@ -911,7 +941,8 @@ def _evaluate(policy, domain, cfg, reward_spec, accelerator, run_dir: Path, step
     with policy.ema_weights():
         metrics, objects, scores = evaluate_model(
             unwrap(policy.model), domain, cfg.eval_samples, cfg.sampler.eval_num_steps, cfg.sampler.shift,
-            reward_spec, device=accelerator.device, render=4 if save and domain.kind == "interact" else 0)
+            reward_spec, device=accelerator.device, render=4 if save and domain.kind == "interact" else 0,
+            reward_errors=cfg.reward_errors)
     if save:
         out = run_dir / "eval"
         write_eval_report(out, {"step": step, **metrics}, f"{domain.name} evaluation at step {step}",
