@@ -164,14 +164,18 @@ def percentile_interval(point: float, replicates: np.ndarray | None, method: str
     """The percentile interval of the resampled values, or an Interval without bounds saying why."""
     if replicates is None:
         return Interval(point, method="fixed", note="no sampling variation to resample (a setting, or intervals off)")
-    reps = np.asarray(replicates, dtype=float)
-    reps = reps[np.isfinite(reps)]
+    done = np.asarray(replicates, dtype=float)
+    reps = done[np.isfinite(done)]
     if not math.isfinite(point):
         return Interval(point, method="n/a", replicates=len(reps), note="the value is not finite")
+    if len(done) < MIN_REPLICATES:
+        return Interval(point, method="n/a", replicates=len(reps),
+                        note=f"only {len(done)} resamples (need {MIN_REPLICATES}): the evaluator is too slow "
+                             "for the time budget (--bootstrap-seconds)")
     if len(reps) < MIN_REPLICATES:
         return Interval(point, method="n/a", replicates=len(reps),
-                        note=f"only {len(reps)} resamples (need {MIN_REPLICATES}): the evaluator is too slow "
-                             "for the time budget (--bootstrap-seconds)")
+                        note=f"only {len(reps)} of {len(done)} resamples give a finite value (need {MIN_REPLICATES}; "
+                             "e.g. a subgroup absent from most resamples)")
     alpha = (1 - level) / 2
     lo, hi = (float(q) for q in np.quantile(reps, [alpha, 1 - alpha]))
     tol = 1e-9 * (1 + abs(point))
@@ -188,9 +192,14 @@ def reevaluated_replicates(evaluate, objects: list, cond: Any, indices: np.ndarr
     from flowcoach.core.sampling.rollout import index_cond
 
     rows: dict[str, list[float]] = {k: [] for k in keys}
-    start = time.perf_counter()
+    start, failed = time.perf_counter(), 0
     for idx in indices:
-        metrics = evaluate([objects[i] for i in idx], index_cond(cond, torch.as_tensor(idx)))
+        try:
+            metrics = evaluate([objects[i] for i in idx], index_cond(cond, torch.as_tensor(idx)))
+        except Exception as e:  # noqa: BLE001 - one degenerate resample must not lose the whole comparison
+            if not failed:
+                print(f"warning: the evaluator failed on a resample ({type(e).__name__}: {e}); counted as NaN")
+            failed, metrics = failed + 1, {}
         for k in keys:
             rows[k].append(float(metrics.get(k, float("nan"))))
         if time.perf_counter() - start > budget_s:

@@ -41,6 +41,8 @@ def test_percentile_interval_is_honest():
     assert missed.lo is None and missed.method == "n/a" and "distinct samples" in missed.note
     few = percentile_interval(0.5, reps[:MIN_REPLICATES - 1], "re-evaluated bootstrap")
     assert few.lo is None and "--bootstrap-seconds" in few.note
+    sparse = percentile_interval(0.5, np.where(np.arange(1001) % 50 == 0, reps, np.nan), "re-evaluated bootstrap")
+    assert sparse.lo is None and "only 21 of 1001 resamples give a finite value" in sparse.note
     assert percentile_interval(2.0, None, "fixed").method == "fixed"
 
 
@@ -120,6 +122,26 @@ def test_a_metric_of_distinct_samples_gets_no_interval_rather_than_a_wrong_one()
     iv = r.intervals["uniqueness"]
     assert iv.value == 1.0 and iv.lo is None and iv.method == "n/a" and "distinct samples" in iv.note
     assert r.intervals["target_hit_rate"].lo is not None
+
+
+class ToyWithFlakyEvaluator(ToyDomain):
+    """An evaluator that raises on every other call (the first, on the full set, succeeds)."""
+
+    calls = 0
+
+    def evaluate(self, objects, conditions):
+        self.calls += 1
+        if self.calls % 2 == 0:
+            raise ValueError("degenerate resample")
+        return super().evaluate(objects, conditions)
+
+
+def test_a_resample_the_evaluator_fails_on_counts_as_missing(capsys):
+    r = toy_result(64, ToyWithFlakyEvaluator(), bootstrap=200)
+    iv = r.intervals["target_hit_rate"]
+    assert iv.replicates == 100 and iv.lo <= iv.value <= iv.hi
+    assert r.intervals["reward_mean"].replicates == 200  # per-sample values do not need the evaluator
+    assert "the evaluator failed on a resample (ValueError: degenerate resample)" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- the report
