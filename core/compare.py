@@ -46,6 +46,7 @@ IMAGE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpe
 AUDIO_SUFFIXES = {".wav": "audio/wav", ".ogg": "audio/ogg", ".flac": "audio/flac", ".mp3": "audio/mpeg"}
 VIDEO_SUFFIXES = {".mp4": "video/mp4", ".webm": "video/webm"}
 TEXT_SUFFIXES = (".cif", ".smi")
+STRUCTURE_VIEWS = "cif_views.png"  # written by compare into a samples folder that holds CIFs
 SETTING_METRICS = {"denoising_steps_per_action"}  # evaluate_model's figures of the settings, not of the samples
 
 
@@ -394,6 +395,92 @@ def sample_files(folder: Path, max_images: int = 6, max_audio: int = 4, max_text
     return kinds
 
 
+def parse_cif(text: str) -> tuple[str, np.ndarray, list[str], np.ndarray]:
+    """(name, lattice rows [3, 3] in Å, element symbols, fractional coordinates [N, 3]) of a P1 CIF,
+    as pymatgen's CifWriter writes them; ValueError when the text is not one."""
+    values, loops, name = {}, [], ""
+    lines = [line.strip() for line in text.splitlines()]
+    k = 0
+    while k < len(lines):
+        line = lines[k]
+        if line.startswith("data_"):
+            name = line[5:]
+        elif line == "loop_":
+            header, rows = [], []
+            k += 1
+            while k < len(lines) and lines[k].startswith("_"):
+                header.append(lines[k].split()[0])
+                k += 1
+            while k < len(lines) and lines[k] and not lines[k].startswith(("_", "loop_", "data_", "#")):
+                rows.append(lines[k].split())
+                k += 1
+            loops.append((header, rows))
+            continue
+        elif line.startswith("_") and len(line.split()) >= 2:
+            key, value = line.split(None, 1)
+            values[key] = value.strip("'\"")
+        k += 1
+    cell = [float(values[f"_cell_{q}"].split("(")[0]) for q in
+            ("length_a", "length_b", "length_c", "angle_alpha", "angle_beta", "angle_gamma")]
+    header, rows = next(((h, r) for h, r in loops if "_atom_site_fract_x" in h), (None, None))
+    if header is None or not rows:
+        raise ValueError("no _atom_site_fract_x loop")
+    col = {h: i for i, h in enumerate(header)}
+    symbol = col.get("_atom_site_type_symbol", col.get("_atom_site_label"))
+    frac = np.array([[float(r[col[f"_atom_site_fract_{a}"]].split("(")[0]) for a in "xyz"] for r in rows])
+    symbols = [re.sub(r"[^A-Za-z]", "", r[symbol]) for r in rows]
+    return name, lattice_matrix(*cell), symbols, frac
+
+
+def lattice_matrix(a: float, b: float, c: float, alpha: float, beta: float, gamma: float) -> np.ndarray:
+    """Lattice vectors as rows from cell lengths (Å) and angles (degrees): a along x, b in the xy plane."""
+    al, be, ga = np.radians([alpha, beta, gamma])
+    cx = c * np.cos(be)
+    cy = c * (np.cos(al) - np.cos(be) * np.cos(ga)) / np.sin(ga)
+    cz = math.sqrt(max(c * c - cx * cx - cy * cy, 0.0))
+    return np.array([[a, 0.0, 0.0], [b * np.cos(ga), b * np.sin(ga), 0.0], [cx, cy, cz]])
+
+
+def plot_structures(cifs: list[Path], path: Path, max_structures: int = 6) -> Path | None:
+    """A grid of 3-D views (unit cell and atoms, coloured by element) of the CIFs that parse."""
+    parsed = []
+    for p in cifs:
+        try:
+            parsed.append(parse_cif(p.read_text(errors="replace")))
+        except (ValueError, KeyError, IndexError):
+            continue
+        if len(parsed) == max_structures:
+            break
+    if not parsed:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    elements = sorted({s for _, _, symbols, _ in parsed for s in symbols})
+    colour = {e: f"C{k % 10}" for k, e in enumerate(elements)}
+    cols = min(3, len(parsed))
+    rows = math.ceil(len(parsed) / cols)
+    fig = plt.figure(figsize=(3.2 * cols, 3.2 * rows))
+    corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=float)
+    edges = [(p, q) for p in range(8) for q in range(p + 1, 8) if np.abs(corners[p] - corners[q]).sum() == 1]
+    for n, (name, lattice, symbols, frac) in enumerate(parsed):
+        ax = fig.add_subplot(rows, cols, n + 1, projection="3d")
+        cart = corners @ lattice
+        for p, q in edges:
+            ax.plot(*zip(cart[p], cart[q]), color="0.6", lw=0.8)
+        xyz = (frac % 1.0) @ lattice
+        ax.scatter(*xyz.T, c=[colour[s] for s in symbols], s=60, depthshade=False, edgecolors="k", linewidths=0.4)
+        ax.set_box_aspect(np.maximum(np.ptp(cart, axis=0), 1e-3))  # true proportions of the cell
+        ax.set_title(name or cifs[n].stem, fontsize=9), ax.set_axis_off()
+    handles = [plt.Line2D([], [], marker="o", ls="", color=colour[e], label=e) for e in elements]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(elements), 10), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=90), plt.close(fig)
+    return path
+
+
 def data_uri(path: Path) -> str:
     suffix = path.suffix.lower()
     mime = {**IMAGE_SUFFIXES, **AUDIO_SUFFIXES, **VIDEO_SUFFIXES}.get(suffix, "application/octet-stream")
@@ -703,6 +790,9 @@ def compare(entries: list[Entry], output: str | Path, num_samples: int | None = 
             folder = out / "samples" / slug(name) / slug(e.label)
             shutil.rmtree(folder, ignore_errors=True)
             domain.save(r.objects, r.scores, folder)
+            cifs = sorted(folder.rglob("*.cif"))
+            if cifs:  # crystals: a view of the first structures beside their CIF text
+                plot_structures(cifs, folder / STRUCTURE_VIEWS)
             r.objects = []  # the samples are on disk now
             results.append(r)
         reports.append(build_domain_report(name, results, out, LEVEL))

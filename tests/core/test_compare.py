@@ -13,8 +13,8 @@ from flowcoach.core.algorithms import algorithm_defaults
 from flowcoach.core.checkpoint import load_base
 from flowcoach.core.cli import main
 from flowcoach.core.compare import (MIN_REPLICATES, Entry, bootstrap_indices, compare, domain_settings,
-                                    evaluate_entry, paired_difference, parse_spec, percentile_interval,
-                                    resampled_means, sample_files)
+                                    evaluate_entry, paired_difference, parse_cif, parse_spec, percentile_interval,
+                                    plot_structures, resampled_means, sample_files)
 from flowcoach.core.registry import FlowcoachError
 from flowcoach.core.trainer import evaluate_model, train
 from flowcoach.domains.toy import ToyDomain
@@ -145,6 +145,40 @@ def test_a_resample_the_evaluator_fails_on_counts_as_missing(capsys):
 
 
 # ----------------------------------------------------------------------------- the report
+NACL_CIF = """# as pymatgen's CifWriter writes a P1 structure
+data_NaCl
+_symmetry_space_group_name_H-M   'P 1'
+_cell_length_a   3.98
+_cell_length_b   3.98
+_cell_length_c   3.98
+_cell_angle_alpha   60.0
+_cell_angle_beta   60.0
+_cell_angle_gamma   60.0
+_cell_volume   44.58
+loop_
+ _atom_site_type_symbol
+ _atom_site_label
+ _atom_site_symmetry_multiplicity
+ _atom_site_fract_x
+ _atom_site_fract_y
+ _atom_site_fract_z
+ _atom_site_occupancy
+  Na  Na0  1  0.00000000  0.00000000  0.00000000  1
+  Cl  Cl1  1  0.50000000  0.50000000  0.50000000  1
+"""
+
+
+def test_cif_parse_and_structure_view(tmp_path):
+    name, lattice, symbols, frac = parse_cif(NACL_CIF)
+    assert name == "NaCl" and symbols == ["Na", "Cl"] and frac.shape == (2, 3)
+    assert abs(np.linalg.det(lattice)) == pytest.approx(44.58, rel=1e-3)  # the CIF's own cell volume
+    assert np.linalg.norm(lattice, axis=1) == pytest.approx([3.98] * 3)
+    (tmp_path / "a.cif").write_text(NACL_CIF)
+    (tmp_path / "b.cif").write_text("data_broken\n_cell_length_a 1\n")
+    assert plot_structures([tmp_path / "b.cif"], tmp_path / "none.png") is None
+    assert plot_structures(sorted(tmp_path.glob("*.cif")), tmp_path / "v.png").stat().st_size > 1000
+
+
 class ToyWithMedia(ToyDomain):
     """Toy's own samples are one PNG; this also writes the other kinds the science domains write
     (a GIF like video/grasping, WAVs like speech, a CIF like crystals), so every embed is covered."""
@@ -160,7 +194,7 @@ class ToyWithMedia(ToyDomain):
                 w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
                 tone = 0.3 * np.sin(2 * np.pi * (220 + 110 * k) * np.arange(4000) / 16000)
                 w.writeframes((tone * 32767).astype("<i2").tobytes())
-        (directory / "sample-0000.cif").write_text("data_NaCl\n_cell_length_a 5.64\n_symmetry_space_group_name_H-M 'P 1'\n")
+        (directory / "sample-0000.cif").write_text(NACL_CIF)
         return files + [directory / "rollouts.gif", directory / "000.wav", directory / "001.wav",
                         directory / "sample-0000.cif"]
 
@@ -207,7 +241,7 @@ def check_elements(doc: Elements, labels: list[str]) -> None:
     assert doc.find("img", **{"class": "curve", "data-domain": "toy"})
     assert [a["data-model"] for a in doc.find("div", **{"class": "model-samples"})] == labels
     imgs, audio = doc.find("img"), doc.find("audio")
-    assert len(imgs) == 1 + 2 * len(labels)  # the curves, then samples.png and rollouts.gif per model
+    assert len(imgs) == 1 + 3 * len(labels)  # the curves, then cif_views.png, samples.png, rollouts.gif per model
     assert len(audio) == 2 * len(labels)
     assert all(a["src"].startswith(("data:image/png;base64,", "data:image/gif;base64,")) for a in imgs)
     assert all(a["src"].startswith("data:audio/wav;base64,") for a in audio)
@@ -257,7 +291,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     check_elements(doc, labels)  # every section and element survived the browser's parse
     (body,) = doc.find("body")
     assert body.get("data-checked") == "yes", body  # the page's own check ran after load
-    assert body["data-images-broken"] == "0" and int(body["data-images-loaded"]) == 1 + 2 * len(labels)
+    assert body["data-images-broken"] == "0" and int(body["data-images-loaded"]) == 1 + 3 * len(labels)
     assert body["data-media-broken"] == "0" and int(body["data-media-loaded"]) == 2 * len(labels)
 
     shot = tmp_path / "report.png"
