@@ -263,9 +263,14 @@ def load_trained(domain, checkpoint: str | Path | None, base: str | Path | None 
     if not path.exists():
         raise FlowcoachError(f"checkpoint '{path}' does not exist; give a run folder, a checkpoint folder or 'base'")
     if not re.fullmatch(r"checkpoint-\d+", path.name) and not (path / "state.json").exists():
-        found = list_checkpoints(path)
+        incomplete: list = []
+        found = list_checkpoints(path, incomplete)
         if not found:
-            raise FlowcoachError(f"'{path}' holds no complete checkpoint")
+            raise FlowcoachError(f"'{path}' holds no complete checkpoint"
+                                 + (f" ({incomplete[0][0].name}: {incomplete[0][1]})" if incomplete else ""))
+        for bad, problem in incomplete:
+            if int(bad.name.split("-")[1]) > int(found[-1].name.split("-")[1]):
+                print(f"warning: skipping {bad.name} ({problem}); using {found[-1].name}")
         path = found[-1]
     read_state(path, domain.name, verify=False)  # complete and of this domain, before building anything
     run_config = path.parent.parent / "config.yaml"

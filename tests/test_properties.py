@@ -40,8 +40,11 @@ def settings_for(examples: int):
 
 def test_every_registered_reward_is_exercised_by_a_domain_here():
     prefixes = tuple(prefix for _, prefix, _ in DOMAINS.values())
-    builtin = [n for n in REWARDS.names() if isinstance(REWARDS._entries.get(n), str)
-               and REWARDS._entries[n].startswith("flowcoach.rewards.")]
+    def module_of(entry):  # a lazy "module:attr", or the function once resolved
+        return entry.split(":")[0] if isinstance(entry, str) else getattr(entry, "__module__", "")
+
+    REWARDS.names()
+    builtin = [n for n, entry in REWARDS._entries.items() if module_of(entry).startswith("flowcoach.rewards.")]
     assert builtin and all(n.startswith(prefixes) for n in builtin), [n for n in builtin if not n.startswith(prefixes)]
 
 

@@ -271,6 +271,19 @@ def test_resume_latest_passes_over_a_corrupt_newest_checkpoint(run_copy, capsys)
     assert steps_logged(run_copy) == [1, 2, 3, 4]
 
 
+def test_eval_of_a_run_passes_over_a_corrupt_newest_checkpoint(run_copy, capsys):
+    truncate(run_copy / "checkpoints" / "checkpoint-3" / "trainable.safetensors")
+    assert main(["eval", "toy", "--checkpoint", str(run_copy), "--num-samples", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: skipping checkpoint-3 (trainable.safetensors has" in out and "using checkpoint-2" in out
+    assert (run_copy / "eval" / "checkpoint-2__n16__steps40" / "metrics.json").exists()
+    for name in ("checkpoint-2", "checkpoint-3"):
+        shutil.rmtree(run_copy / "checkpoints" / name, ignore_errors=True)
+    (run_copy / "checkpoints" / "checkpoint-1").mkdir(exist_ok=True)
+    err = one_line_error(capsys, ["eval", "toy", "--checkpoint", str(run_copy), "--num-samples", "16"])
+    assert "holds no complete checkpoint (checkpoint-1: it has no state.json)" in err
+
+
 def test_same_size_corruption_is_caught_by_the_hash(run_copy, capsys):
     ckpt = run_copy / "checkpoints" / "checkpoint-3"
     data = bytearray((ckpt / "trainable.safetensors").read_bytes())
