@@ -94,13 +94,14 @@ def kill_during_save(tmp_path: Path, stage: str, step: int = 3) -> Path:
     (tmp_path / "hook.py").write_text(HOOK)
     mark = tmp_path / "held"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "KILL_STAGE": stage, "KILL_STEP": str(step), "KILL_MARK": str(mark)}
+    log = open(tmp_path / "stderr.txt", "w")  # a file, not a pipe: a full pipe would block the run
     proc = subprocess.Popen([sys.executable, str(tmp_path / "hook.py"), "train", "toy", "--steps", "6",
                              "--checkpoint-every", "1", *SMALL], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.monotonic() + 240
         while not mark.exists():
-            assert proc.poll() is None, f"training ended before the save was held: {proc.stderr.read()}"
+            assert proc.poll() is None, f"training ended before the save was held: {(tmp_path / 'stderr.txt').read_text()}"
             assert time.monotonic() < deadline, "the save was never reached"
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
@@ -109,7 +110,7 @@ def kill_during_save(tmp_path: Path, stage: str, step: int = 3) -> Path:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        proc.stderr.close()
+        log.close()
     (run,) = (tmp_path / "runs").iterdir()
     return run
 
