@@ -288,8 +288,13 @@ def evaluate_entry(model, domain, entry: Entry, settings: Settings, indices: np.
             from flowcoach.core.interact import evaluate_episodes
 
             for split in domain.eval_splits[1:]:
-                sets.append((f"{split}/", evaluate_episodes(model, domain, cond, settings.num_steps, settings.shift,
-                                                            split=split, device=device)))
+                episodes = evaluate_episodes(model, domain, cond, settings.num_steps, settings.shift, split=split,
+                                             device=device)
+                replay = {f"{split}/{k}": float(v) for k, v in domain.evaluate(episodes, cond).items()}
+                if any(not _same(replay[k], metrics.get(k)) for k in replay):  # an environment that is not deterministic
+                    print(f"warning: {domain.name} '{split}' episodes differ when replayed; its metrics are the replay's")
+                    metrics.update(replay)
+                sets.append((f"{split}/", episodes))
         others = [prefix for prefix, _ in sets[1:]]
         for prefix, objs in sets:
             keys = [k[len(prefix):] for k in metrics if k not in replicates and k not in SETTING_METRICS
@@ -303,6 +308,10 @@ def evaluate_entry(model, domain, entry: Entry, settings: Settings, indices: np.
     run_dir, step = run_of(entry.checkpoint)
     return Result(entry, settings, metrics, intervals, replicates, methods, objects, scores,
                   time.perf_counter() - start, run_dir, step)
+
+
+def _same(a: float, b: float | None) -> bool:
+    return b is not None and (a == b or (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-9))
 
 
 def paired_difference(result: Result, reference: Result, level: float = LEVEL) -> dict[str, Interval]:
@@ -648,10 +657,12 @@ color:#1d232a;line-height:1.45}
 h1{margin-bottom:.2rem}h2{border-bottom:2px solid #dde3ea;padding-bottom:.2rem;margin-top:2.2rem}
 nav a{margin-right:1rem}table{border-collapse:collapse;margin:.6rem 0 1.2rem;font-size:.9rem}
 th,td{border:1px solid #d5dbe1;padding:.25rem .55rem;text-align:right;white-space:nowrap}
-th{background:#f1f4f7}td:first-child,th:first-child{text-align:left}
+th{background:#f1f4f7;white-space:normal;overflow-wrap:break-word;max-width:16rem;vertical-align:bottom}
+td:first-child,th:first-child{text-align:left}.scroll{overflow-x:auto;max-width:100%}
 .samples{display:flex;flex-wrap:wrap;gap:1rem;align-items:flex-start}
 figure{margin:0;border:1px solid #e3e7eb;padding:.4rem;border-radius:4px;background:#fafbfc}
-figure img,figure video{max-width:380px;max-height:380px;display:block}figcaption{font-size:.75rem;color:#5b6670}
+figure img,figure video{max-width:380px;max-height:380px;min-width:240px;display:block}
+figure img{image-rendering:pixelated}figcaption{font-size:.75rem;color:#5b6670}
 details.text pre{max-height:320px;overflow:auto;font-size:.75rem;background:#f6f8fa;padding:.5rem}
 .note{color:#5b6670;font-size:.85rem}.files{font-size:.8rem;color:#5b6670;width:100%}
 #broken{display:none;background:#fde2e1;border:1px solid #e5534b;padding:.5rem}
@@ -684,7 +695,7 @@ window.addEventListener('load', async () => {
 def html_table(header: list[str], rows: list[list[str]], cls: str, attrs: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="{cls}"{attrs}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return f'<div class="scroll"><table class="{cls}"{attrs}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def render_html(reports: list[DomainReport], out: Path, details: str, method: str) -> str:
