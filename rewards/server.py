@@ -475,6 +475,13 @@ class RewardServer(ThreadingHTTPServer):
         self._thread.start()
         return self
 
+    def handle_error(self, request, client_address) -> None:
+        import sys
+
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return  # the client stopped waiting (its timeout): it retries or reports it
+        super().handle_error(request, client_address)
+
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         self._serving = True
         super().serve_forever(poll_interval)

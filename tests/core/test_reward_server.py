@@ -344,7 +344,7 @@ def test_timeout_then_retry_succeeds_on_a_slow_server(registered):
     def slow(objects, conditions):
         calls.append(len(objects))
         if len(calls) == 1:  # the first batch takes longer than the client waits
-            time.sleep(1.0)
+            time.sleep(1.5)
             finished.set()
         return REWARDS.get("toy-mode")(objects, conditions)
 
@@ -352,13 +352,14 @@ def test_timeout_then_retry_succeeds_on_a_slow_server(registered):
     srv = RewardServer(port=0, rewards=[name], max_wait_ms=0).start()
     pauses = []
     try:
-        remote = RemoteReward(f"{srv.url}/{name}?timeout=0.3&retries=2&backoff=0.1",
+        remote = RemoteReward(f"{srv.url}/{name}?timeout=0.5&retries=2&backoff=0.1",
                               sleep=lambda s: (pauses.append(s), finished.wait(30)))
         objects, cond = toy_batch(8)
         scores, _ = remote(objects, cond)
     finally:
         srv.stop()
-    assert pauses == [0.1] and len(calls) == 2  # one timeout, one retry that was answered
+    # the first attempt timed out; a retry was answered (a second timeout is possible on a loaded machine)
+    assert pauses[:1] == [0.1] and len(calls) == len(pauses) + 1
     assert torch.equal(scores, REWARDS.get("toy-mode")(objects, cond)[0])
 
 
