@@ -104,7 +104,9 @@ class VideoDomain(Domain):
         return evaluate_clips(objects, conditions)
 
     def pretrain_defaults(self) -> dict:
-        return {"steps": 640, "batch_size": 16, "lr": 1e-3, "eval_samples": 256, "eval_num_steps": 20}
+        # how domains/video/base was made (its base.json records the same)
+        return {"steps": 5000, "batch_size": 16, "lr": 1e-3, "ema_decay": 0.999, "save_every": 1000,
+                "eval_samples": 256, "eval_num_steps": 20}
 
     def train_defaults(self) -> dict:
         # sized for a CPU: 4 conditions x G = 8 clips per step; the SDE (and the update) on a window of
