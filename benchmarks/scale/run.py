@@ -47,7 +47,9 @@ def free_port() -> int:
 
 def env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "COLUMNS": "200",
-            "HF_HUB_OFFLINE": "1", "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+            "HF_HUB_OFFLINE": "1", "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"),
+            # the repository's data caches, so a run in a temporary folder does not rebuild them
+            "FLOWCOACH_CACHE": os.environ.get("FLOWCOACH_CACHE", str(ROOT / "runs" / "cache"))}
 
 
 def train_command(domain: str, processes: int, steps: int, eval_samples: int) -> list[str]:
@@ -91,7 +93,7 @@ def throughput(domain: str, steps: int, eval_samples: int, repeats: int) -> dict
                 cmd = train_command(domain, processes, steps, eval_samples)
                 load0 = os.getloadavg()[0]
                 _, wall = run(cmd, Path(tmp), timeout=3600)
-                (run_dir,) = (Path(tmp) / "runs").iterdir()
+                run_dir = next(p for p in (Path(tmp) / "runs").iterdir() if p.name.startswith(f"{domain}__"))
                 times = step_times(run_dir)
             row = {"processes": processes, "repeat": rep, "command": " ".join(Path(c).name if c == PYTHON else c for c in cmd),
                    "process_wall_s": round(wall, 2), "loadavg_1min_before": round(load0, 2),
@@ -115,7 +117,8 @@ def peak_memory(domain: str, steps: int, eval_samples: int) -> dict:
         cmd = ["/usr/bin/time", "-v", *train_command(domain, 1, steps, eval_samples)]
         load0 = os.getloadavg()[0]
         out, wall = run(cmd, Path(tmp), timeout=3600)
-        (run_dir,) = (Path(tmp) / "runs").iterdir()
+        # runs/ also holds the data caches of domains that build theirs (speech, crystals)
+        run_dir = next(p for p in (Path(tmp) / "runs").iterdir() if p.name.startswith(f"{domain}__"))
         times = step_times(run_dir)
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out).group(1))
     row = {"domain": domain, "steps": steps, "eval_samples": eval_samples,

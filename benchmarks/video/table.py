@@ -16,7 +16,7 @@ def main() -> None:
     print("| model | " + " | ".join(name for _, name in COLUMNS) + " | " + " | ".join(f"pass {s}" for s in SCENES)
           + " | CPU s (train / eval) |")
     print("|---" * (len(COLUMNS) + len(SCENES) + 2) + "|")
-    for label in ("simulator", "base", "rl_ungated", "rl"):
+    for label in ("simulator", "base640", "rl640_ungated", "rl640", "base", "rl", "rl_lr3e-4"):
         path = RESULTS / f"video_{label}.json"
         if not path.exists():
             continue
