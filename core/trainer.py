@@ -134,8 +134,10 @@ def validate(cfg: TrainConfig, domain: Domain | None = None) -> None:
                              "sampling times; lower it or use --loss.fwd-time uniform")
     if cfg.loss.fwd_draws < 1:
         raise FlowcoachError("loss.fwd_draws must be >= 1")
-    if cfg.reward_errors not in ("raise", "floor", "skip"):
-        raise FlowcoachError(f"reward_errors must be raise, floor or skip, got '{cfg.reward_errors}'")
+    from flowcoach.rewards import REWARD_ERRORS
+
+    if cfg.reward_errors not in REWARD_ERRORS:
+        raise FlowcoachError(f"reward_errors must be one of {', '.join(REWARD_ERRORS)}, got '{cfg.reward_errors}'")
     for name, least in (("checkpoint_every", 1), ("keep_checkpoints", 0), ("sample_every", 0), ("eval_every", 0),
                         ("eval_samples", 1)):
         if getattr(cfg, name) < least:

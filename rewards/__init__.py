@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from flowcoach.core.registry import REWARDS, FlowcoachError
+from flowcoach.core.sampling.rollout import index_cond
 
 RewardFn = Callable[[list, Any], tuple[torch.Tensor, dict]]
 
@@ -57,19 +58,6 @@ def short_repr(obj: Any, limit: int = 60) -> str:
     """A one-line repr of at most ``limit`` characters (numpy and torch summarise big arrays)."""
     text = " ".join(repr(obj).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def index_conditions(conditions: Any, idx: list[int]) -> Any:
-    """The conditions of the samples ``idx``: rows of a tensor/array/list, per key of a dict; None stays None."""
-    if conditions is None:
-        return None
-    if isinstance(conditions, dict):
-        return {k: index_conditions(v, idx) for k, v in conditions.items()}
-    if isinstance(conditions, torch.Tensor):
-        return conditions[torch.as_tensor(idx, dtype=torch.long)]
-    if hasattr(conditions, "shape"):  # numpy
-        return conditions[idx]
-    return [conditions[i] for i in idx]
 
 
 def _one_line(e: BaseException) -> str:
@@ -123,7 +111,7 @@ class CompositeReward:
         failed = []
         for i in range(len(objects)):
             try:
-                fn([objects[i]], index_conditions(conditions, [i]))
+                fn([objects[i]], index_cond(conditions, [i]))
             except FlowcoachError:
                 raise
             except Exception as e:  # noqa: BLE001 - a reward's own bug, reported with its sample
@@ -144,7 +132,7 @@ class CompositeReward:
         info: dict = {}
         if good:
             try:
-                part, info = self._scores(name, fn, [objects[i] for i in good], index_conditions(conditions, good))
+                part, info = self._scores(name, fn, [objects[i] for i in good], index_cond(conditions, good))
             except FlowcoachError:
                 raise
             except Exception as e2:  # noqa: BLE001
@@ -160,7 +148,6 @@ class CompositeReward:
         else:
             outcome = "scored NaN: the step is skipped"
         print(f"warning: reward '{name}' raised on {where}{more}: {_one_line(e)}; {outcome} (reward_errors={self.on_error})")
-        info = {k: v for k, v in info.items()}
         info["errors"] = len(failed)
         return scores, info, len(failed)
 

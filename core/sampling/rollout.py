@@ -9,12 +9,14 @@ from typing import Any
 import torch
 
 
-def index_cond(cond: Any, idx: torch.Tensor) -> Any:
-    """Select rows of a condition batch: a tensor, a dict of tensors, or None."""
+def index_cond(cond: Any, idx) -> Any:
+    """Select rows of a condition batch: a tensor or array, a list, a dict of those, or None."""
     if cond is None:
         return None
     if isinstance(cond, dict):
         return {k: index_cond(v, idx) for k, v in cond.items()}
+    if isinstance(cond, list):
+        return [cond[int(i)] for i in idx]
     return cond[idx]
 
 

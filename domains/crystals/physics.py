@@ -92,17 +92,17 @@ _ENERGY_CACHE: dict[str, dict] = {}
 
 
 def chgnet_predict(structures: list, batch_size: int = 16) -> list[dict | None]:
-    """Per structure {"e": eV/atom, "fmax": eV/Å, "frms": eV/Å}, or None where it exploded or the
-    prediction is not finite. Cached by ``structure_key`` so composed rewards call CHGNet once."""
+    """Per structure {"e": eV/atom, "fmax": eV/Å, "frms": eV/Å}, or None where it exploded, has an
+    isolated atom (``has_isolated_atom``) or the prediction is not finite. Cached by ``structure_key`` so composed rewards call CHGNet once."""
     out: list[dict | None] = [None] * len(structures)
     todo = []
     for i, s in enumerate(structures):
-        if s is None or exploded(s) or has_isolated_atom(s):
+        if s is None or exploded(s):
             continue
         key = structure_key(s)
-        if key in _ENERGY_CACHE:
+        if key in _ENERGY_CACHE:  # only predictions of structures that passed the checks are cached
             out[i] = _ENERGY_CACHE[key]
-        else:
+        elif not has_isolated_atom(s):
             todo.append((i, key))
     if todo:
         preds = _predict_guarded([structures[i] for i, _ in todo], batch_size)

@@ -21,7 +21,8 @@ from flowcoach.core.cli import main
 from flowcoach.core.domain import get_domain
 from flowcoach.core.registry import FlowcoachError
 from flowcoach.domains.toy import ToyDomain
-from flowcoach.rewards import CompositeReward, index_conditions, short_repr
+from flowcoach.core.sampling.rollout import index_cond
+from flowcoach.rewards import CompositeReward, short_repr
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--groups-per-step", "4", "--group-size", "4", "--eval-samples", "64", "--sample-every", "0",
@@ -449,10 +450,10 @@ def test_skip_scores_nan_and_a_batch_only_failure_always_raises():
     assert info["errors"] == 0
 
 
-def test_index_conditions_and_short_repr():
-    assert index_conditions(None, [1]) is None
-    assert index_conditions({"a": torch.arange(3), "b": [5, 6, 7]}, [2])["b"] == [7]
-    assert torch.equal(index_conditions(torch.arange(5), [3]), torch.tensor([3]))
+def test_index_cond_and_short_repr():
+    assert index_cond(None, [1]) is None
+    assert index_cond({"a": torch.arange(3), "b": [5, 6, 7]}, [2])["b"] == [7]
+    assert torch.equal(index_cond(torch.arange(5), [3]), torch.tensor([3]))
     assert len(short_repr(list(range(1000)))) == 60 and "\n" not in short_repr(torch.zeros(30, 30))
 
 
