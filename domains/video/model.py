@@ -78,10 +78,8 @@ class VideoVelocity(nn.Module):
 
     def __init__(self, cond_dim: int, channels: int = 3, patch: tuple[int, int, int] = (2, 4, 4), heads: int = 4,
                  head_dim: int = 16, layers: int = 4, ffn: int = 256, text_dim: int = 32, freq_dim: int = 64,
-                 lora_rank: int = 0, lora_alpha: float | None = None, position_frequencies: tuple[int, int, int] = (3, 4, 4),
-                 prediction: str = "x0/t"):
+                 lora_rank: int = 0, lora_alpha: float | None = None, position_frequencies: tuple[int, int, int] = (3, 4, 4)):
         super().__init__()
-        self.prediction = prediction
         from diffusers import WanTransformer3DModel
 
         self.state_tokens = StateTokens(cond_dim, text_dim)
@@ -96,15 +94,9 @@ class VideoVelocity(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         tb = torch.as_tensor(t, device=x_t.device).float().expand(x_t.shape[0]).reshape(-1, *([1] * (x_t.dim() - 1)))
-        d = ((1 - tb) ** 2 + tb ** 2).sqrt()
-        inp = x_t / d if self.prediction == "edm" else x_t
         pos = position_channels(*x_t.shape[2:], self.position_frequencies).to(x_t)
-        inputs = torch.cat([inp, pos.expand(x_t.shape[0], *pos.shape)], dim=1) if pos.shape[0] else inp
+        inputs = torch.cat([x_t, pos.expand(x_t.shape[0], *pos.shape)], dim=1) if pos.shape[0] else x_t
         out = self.net(inputs, t, {"encoder_hidden_states": self.state_tokens(cond)})
-        if self.prediction == "edm":
-            return (2 * tb - 1) / d**2 * x_t + out / d
-        if self.prediction == "x0":
-            return (x_t - out) / tb.clamp_min(T_MIN)
         return x_t / tb.clamp_min(T_MIN) - out  # out estimates x0 / t: the clean clip is t * out
 
     # ------------------------------------------------------------------ LoRA
