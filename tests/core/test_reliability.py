@@ -71,12 +71,15 @@ def steps_logged(run: Path) -> list[int]:
 
 
 def cli_in(cwd: Path, args: list[str]) -> int:
-    """core.cli.main in-process, in folder ``cwd``."""
-    old = os.getcwd()
+    """core.cli.main in-process, in folder ``cwd``, on one torch thread like the killed subprocess
+    (OMP_NUM_THREADS=1): runs compared bit for bit must sum in the same order."""
+    old, threads = os.getcwd(), torch.get_num_threads()
     os.chdir(cwd)
+    torch.set_num_threads(1)
     try:
         return main(args)
     finally:
+        torch.set_num_threads(threads)
         os.chdir(old)
 
 
