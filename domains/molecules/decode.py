@@ -112,10 +112,21 @@ def molecule_from_atoms(types: np.ndarray, positions: np.ndarray) -> GeneratedMo
 
 
 def decode_sample(x: np.ndarray) -> GeneratedMolecule:
-    """x [N_MAX, FEATURES] -> molecule: rows whose type argmax is "absent" (padding) are dropped."""
-    x = np.nan_to_num(np.asarray(x, dtype=np.float64), nan=0.0, posinf=1e6, neginf=-1e6)
+    """x [N_MAX, FEATURES] -> molecule: rows whose type argmax is "absent" (padding) are dropped.
+
+    A sample with a non-finite value is a diverged one: it decodes to its atoms with no bonds, no
+    stable atom and no RDKit molecule (invalid). Zeroing the NaNs instead would stack its atoms at
+    the origin, where the distance rule bonds them into a molecule that can look valid.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    finite = bool(np.isfinite(x).all())
+    x = np.nan_to_num(x, nan=0.0, posinf=1e6, neginf=-1e6)
     kind = x[:, 3:].argmax(axis=1)
     real = kind != ABSENT
+    if not finite:
+        n = int(real.sum())
+        return GeneratedMolecule([ATOM_TYPES[t] for t in kind[real]], x[real, :3], np.zeros((n, n), dtype=int),
+                                 np.zeros(n, dtype=bool))
     return molecule_from_atoms(kind[real], x[real, :3])
 
 

@@ -95,6 +95,17 @@ def test_decode_never_raises_on_bad_input():
     assert len(decode(bad)) == 2
 
 
+def test_a_diverged_sample_decodes_invalid_even_when_its_atoms_would_bond():
+    m = from_smiles("CCO")
+    types = [ATOM_TYPES.index(s) for s in m.symbols]
+    x = torch.from_numpy(encode(types, m.positions)).float()
+    assert decode(x[None])[0].valid  # the clean sample is ethanol
+    x[0, 0] = float("nan")  # one diverged coordinate
+    bad = decode(x[None])[0]
+    assert not bad.valid and bad.num_atoms == len(types) and not bad.stable_atoms.any()
+    assert bad.orders.sum() == 0
+
+
 def test_save_writes_sdf_smiles_and_png(tmp_path):
     objects = [smiles_mol("CCO"), invalid_molecule(), empty_molecule(), from_smiles("CC#N")]
     files = MoleculesDomain(limit=2000).save(objects, torch.tensor([1.0, 0.0, 0.0, 0.5]), tmp_path)
