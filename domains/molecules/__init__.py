@@ -3,9 +3,9 @@
 A sample is x [29, 3 + 6]: atom positions and scaled one-hot atom types (with an "absent" class for
 padding), see ``data``. The condition a user asks for is [n atoms, n heavy atoms]; the model's
 padding mask follows n, and the heavy-atom count is a conditioning input (and the target of the
-optional ``mol-heavy-atoms`` reward). The base model (``model.MoleculeVelocity``) is a
-permutation-equivariant set transformer, translation-invariant by construction and trained on
-randomly rotated molecules, in the manner of EDM/EquiFM but not rotation-equivariant.
+optional ``mol-heavy-atoms`` reward). The base model (``model.MoleculeVelocity``) is an E(3)- and
+permutation-equivariant transformer with geometric attention and EGNN position updates, in the
+manner of EDM/EquiFM (see ``model``).
 
 Decoding uses EDM's bond-length rules (``chem``), so atom/molecule stability and validity are
 comparable with the EDM/EquiFM QM9 (with hydrogens) numbers. The evaluator (``evaluate``) reports
@@ -99,7 +99,8 @@ class MoleculesDomain(Domain):
 
     def pretrain_defaults(self) -> dict:
         # how domains/molecules/base was made (its base.json records the same)
-        return {"steps": 1500, "batch_size": 128, "lr": 2e-3, "eval_samples": 1000, "eval_num_steps": 20}
+        return {"steps": 8000, "batch_size": 128, "lr": 1e-3, "ema_decay": 0.999, "save_every": 1000,
+                "eval_samples": 1000, "eval_num_steps": 40}
 
     def train_defaults(self) -> dict:
         # the flags of the recorded RL run (benchmarks/molecules/README.md)

@@ -291,7 +291,10 @@ def test_shipped_base_loads_and_beats_an_untrained_model():
         return sum(int(q.stable_atoms.sum()) for q in mols) / max(1, sum(q.num_atoms for q in mols))
 
     assert atom_stability_of(model) > atom_stability_of(untrained) + 0.03
-    assert record["eval"]["metrics"]["atom_stability"] > 0.0 and "command" in record
+    assert record["eval"]["metrics"]["atom_stability"] > 0.0 and record["command"].startswith("flowcoach pretrain molecules")
+    assert not record.get("partial")  # a finished pretraining, not a stopped one
+    for key, value in d.pretrain_defaults().items():  # the defaults remake this base
+        assert record["config"][key] == value, key
 
 
 @pytest.mark.slow
