@@ -18,6 +18,8 @@ import sys
 import numpy as np
 import torch
 
+from flowcoach.domains.molecules.chem import largest_fragment_mask
+
 DEFAULT_SMARTS = "[CX3]=[OX1]"  # a carbonyl group: common in QM9 and in drugs
 
 
@@ -97,9 +99,24 @@ def atom_stability(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
     return scores, {"invalid": _invalid(objects), "empty": sum(1 for m in objects if m.num_atoms == 0)}
 
 
+def connected_stability(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
+    """Fraction of the atoms that are stable (EDM) and in the largest bonded piece; 0 when empty.
+
+    The dense signal the default reward uses. EDM's atom stability pays for splitting a molecule
+    into small saturated pieces (CH4 + H2O + H2 are all stable): an RL run rewarded with it went
+    from 5% to 66% evaluator validity with 7% uniqueness. Here a split-off piece's atoms count as
+    unstable, so splitting never raises the score.
+    """
+    scores = [float((m.stable_atoms & largest_fragment_mask(m.orders)).mean()) if m.num_atoms else 0.0
+              for m in objects]
+    return torch.tensor(scores, dtype=torch.float32), {"invalid": _invalid(objects)}
+
+
 def molecule_stability(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
-    """1 if every atom is stable (EDM's molecule stability), else 0; 0 for an empty molecule."""
-    return torch.tensor([float(m.stable) for m in objects]), {"invalid": _invalid(objects)}
+    """1 if every atom is stable (EDM's molecule stability) and the bonds join them into one piece,
+    else 0; 0 for an empty molecule. (The evaluator's molecule stability is EDM's, pieces allowed.)"""
+    scores = [float(m.stable and bool(largest_fragment_mask(m.orders).all())) for m in objects]
+    return torch.tensor(scores, dtype=torch.float32), {"invalid": _invalid(objects)}
 
 
 def qed(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:

@@ -67,3 +67,15 @@ def atom_stability(types: np.ndarray, orders: np.ndarray) -> np.ndarray:
     """[n] bool: the atom's bond orders sum to its allowed valence (EDM's atom stability)."""
     valence = np.array([VALENCE[ATOM_TYPES[t]] for t in np.asarray(types, dtype=int)], dtype=int)
     return orders.sum(axis=1) == valence
+
+
+def largest_fragment_mask(orders: np.ndarray) -> np.ndarray:
+    """[n] bool: the atoms of the largest bonded piece (connected component of orders > 0; ties: the
+    piece with the lowest atom index). Empty for n = 0."""
+    from scipy.sparse.csgraph import connected_components
+
+    n = orders.shape[0]
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    _, label = connected_components(orders > 0, directed=False)
+    return label == np.bincount(label).argmax()

@@ -186,7 +186,7 @@ def test_every_reward_scores_valid_invalid_and_empty_molecules(name):
     assert info["invalid"] == 2
     if name != "mol-duplicate":
         assert scores[1] <= scores[0] or name in ("mol-logp-window", "mol-mw-window", "mol-stability")
-        assert scores[2] == 0.0 and scores[1] == 0.0 or name == "mol-atom-stability"
+        assert scores[2] == 0.0 and scores[1] == 0.0 or name in ("mol-atom-stability", "mol-connected-stability")
 
 
 def test_reward_values_on_known_molecules():
@@ -197,6 +197,20 @@ def test_reward_values_on_known_molecules():
     assert float(REWARDS.get("mol-smarts")([aspirin, smiles_mol("CCO")])[0].sum()) == 1.0
     # atom stability of the invalid CH5: the 5 H are stable, the carbon is not
     assert abs(float(REWARDS.get("mol-atom-stability")([invalid_molecule()])[0][0]) - 5 / 6) < 1e-6
+
+
+def test_splitting_a_molecule_into_saturated_pieces_raises_no_stability_reward():
+    # methane + water (+ H2): every atom is stable (EDM), so EDM's atom and molecule stability are 1
+    pieces, whole = smiles_mol("C.O.[H][H]"), smiles_mol("CO")
+    assert pieces.stable_atoms.all() and pieces.num_atoms == 10 and pieces.valid
+    assert float(REWARDS.get("mol-atom-stability")([pieces])[0][0]) == 1.0
+    # only methane's 5 atoms form the largest piece: 5 of 10 atoms count
+    assert float(REWARDS.get("mol-connected-stability")([pieces])[0][0]) == 0.5
+    assert float(REWARDS.get("mol-stability")([pieces])[0][0]) == 0.0
+    assert float(REWARDS.get("mol-connected-stability")([whole])[0][0]) == 1.0
+    assert float(REWARDS.get("mol-stability")([whole])[0][0]) == 1.0
+    # the invalid CH5: its 5 H are stable and bonded to the carbon, the carbon is not stable
+    assert abs(float(REWARDS.get("mol-connected-stability")([invalid_molecule()])[0][0]) - 5 / 6) < 1e-6
 
 
 def test_duplicate_penalty_is_per_group():
