@@ -30,8 +30,9 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 
 # CPU seconds of RL per run, and evaluation samples, per domain (2 shared cores: a few minutes a run)
-BUDGET_S = {"toy": 10.0, "grasping": 180.0, "molecules": 180.0, "crystals": 180.0}
-EVAL_SAMPLES = {"toy": 500, "grasping": 50, "molecules": 128, "crystals": 128}
+BUDGET_S = {"toy": 10.0, "grasping": 180.0, "molecules": 180.0, "crystals": 180.0, "video": 150.0, "speech": 180.0}
+# video and speech evaluations cost seconds per sample: fewer samples, so evaluations stay a fraction of a run
+EVAL_SAMPLES = {"toy": 500, "grasping": 50, "molecules": 128, "crystals": 128, "video": 64, "speech": 48}
 
 
 def resolved_config(domain_name: str, algo: str):

@@ -71,9 +71,11 @@ class GraspingDomain(InteractDomain):
         return {"steps": 1000, "eval_samples": 200, "eval_num_steps": 10}
 
     def train_defaults(self) -> dict:
-        # the recipe of benchmarks/grasping (60.5% -> 99% held-out success in 450 steps): sum-reduced
+        # TempFlow-GRPO: at equal CPU it reached flow-grpo's final held-out reward in 1/3.9 of the time
+        # with the same success rate (benchmarks/algorithms). The rest is the recipe of
+        # benchmarks/grasping (flow-grpo, 60.5% -> 99% held-out success in 450 steps): sum-reduced
         # log-probs with PPO's 0.2 clip, 4 optimizer steps per rollout, a low learning rate
-        return {"groups_per_step": 16, "group_size": 8, "sampler.num_steps": 10, "sampler.eval_num_steps": 10,
+        return {"algo": "tempflow-grpo", "groups_per_step": 16, "group_size": 8, "sampler.num_steps": 10, "sampler.eval_num_steps": 10,
                 "sampler.noise_level": 0.7, "sampler.logprob_reduction": "sum", "optim.lr": 1e-4,
                 "optimizer_steps_per_epoch": 4, "eval_samples": 100, "eval_every": 10}
 
