@@ -47,6 +47,10 @@ def curve(run: dict, base_reward: float, x: str = "cpu_s") -> list[tuple[float, 
     return [(0.0, base_reward)] + [(p[x], p["reward_mean"]) for p in run["curve"]]
 
 
+def _number(value) -> float:
+    return float("nan") if value is None else value
+
+
 def summarise(record: dict) -> dict:
     """Per algorithm: seeds, final rewards, times / NFE to flow-grpo's final reward, held-out metrics."""
     base_reward = record["base"]["reward_mean"]
@@ -68,7 +72,8 @@ def summarise(record: dict) -> dict:
                "wall_s": statistics.mean(r["train_wall_s"] for r in ok),
                "final": [r["final"]["reward_mean"] for r in ok],
                "diversity": statistics.mean(r["latent_diversity"] for r in ok) / record["base"]["latent_diversity"],
-               "heldout": {m: statistics.mean(r["final"].get(m, float("nan")) for r in ok)
+               # a metric saved as null (NaN, e.g. uniqueness with no valid sample) averages as NaN
+               "heldout": {m: statistics.mean(_number(r["final"].get(m)) for r in ok)
                            for m in HELDOUT.get(record["domain"], [])}}
         if target is not None:
             times = [crossing(curve(r, base_reward), target) for r in ok]
