@@ -18,8 +18,6 @@ import sys
 import numpy as np
 import torch
 
-from flowcoach.domains.molecules.chem import largest_fragment_mask
-
 DEFAULT_SMARTS = "[CX3]=[OX1]"  # a carbonyl group: common in QM9 and in drugs
 
 
@@ -107,7 +105,7 @@ def connected_stability(objects: list, conditions=None) -> tuple[torch.Tensor, d
     from 5% to 66% evaluator validity with 7% uniqueness. Here a split-off piece's atoms count as
     unstable, so splitting never raises the score.
     """
-    scores = [float((m.stable_atoms & largest_fragment_mask(m.orders)).mean()) if m.num_atoms else 0.0
+    scores = [float((m.stable_atoms & m.largest_piece).mean()) if m.num_atoms else 0.0
               for m in objects]
     return torch.tensor(scores, dtype=torch.float32), {"invalid": _invalid(objects)}
 
@@ -115,7 +113,7 @@ def connected_stability(objects: list, conditions=None) -> tuple[torch.Tensor, d
 def molecule_stability(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
     """1 if every atom is stable (EDM's molecule stability) and the bonds join them into one piece,
     else 0; 0 for an empty molecule. (The evaluator's molecule stability is EDM's, pieces allowed.)"""
-    scores = [float(m.stable and bool(largest_fragment_mask(m.orders).all())) for m in objects]
+    scores = [float(m.stable and bool(m.largest_piece.all())) for m in objects]
     return torch.tensor(scores, dtype=torch.float32), {"invalid": _invalid(objects)}
 
 

@@ -7,6 +7,7 @@ unsanitizable molecule is a ``GeneratedMolecule`` with ``mol = None``.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowcoach.domains.molecules.chem import ATOM_TYPES, atom_stability, bond_orders
+from flowcoach.domains.molecules.chem import ATOM_TYPES, atom_stability, bond_orders, largest_fragment_mask
 from flowcoach.domains.molecules.data import ABSENT
 
 
@@ -40,14 +41,16 @@ class GeneratedMolecule:
     def valid(self) -> bool:
         return self.smiles is not None
 
+    @functools.cached_property
+    def largest_piece(self) -> np.ndarray:
+        """[n] bool: the atoms of the largest bonded piece (computed once; every reward asks)."""
+        return largest_fragment_mask(self.orders)
+
     @property
     def connected(self) -> bool:
-        """Valid and in one piece (EDM's validity keeps only the largest fragment)."""
-        if self.mol is None:
-            return False
-        from rdkit import Chem
-
-        return len(Chem.GetMolFrags(self.mol)) == 1
+        """Valid and in one piece (EDM's validity keeps only the largest fragment). The RDKit
+        molecule has exactly the bonds of ``orders``, so its pieces are the bond graph's."""
+        return self.mol is not None and bool(self.largest_piece.all())
 
     @property
     def stable(self) -> bool:
