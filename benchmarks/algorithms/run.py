@@ -1,6 +1,6 @@
 """Every algorithm of the Flow-GRPO family on every domain, at an equal CPU budget.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/algorithms/run.py --domains toy grasping molecules crystals
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/algorithms/run.py --domains toy grasping molecules crystals video speech
 
 Each (domain, algorithm, seed) run is `flowcoach train <domain> --algo <algo>` (the recipe, then the
 domain's training defaults, as the CLI resolves them) with `--time-budget-s B`: it stops once its RL
