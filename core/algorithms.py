@@ -161,6 +161,30 @@ def algorithm_defaults(name: str) -> TrainConfig:
     return cfg
 
 
+def train_config(domain_name: str, algo: str | None = None) -> TrainConfig:
+    """What `flowcoach train DOMAIN [--algo NAME]` starts from, before the user's flags.
+
+    A domain's train_defaults tune its default algorithm ("algo" there, else flow-grpo). For that
+    algorithm they all apply over its recipe. For any other algorithm they apply except on the fields
+    that algorithm's recipe sets differently from the default algorithm's recipe: those define the
+    algorithm (FPO's ODE rollouts, AWM's noise level, dense-grpo's step advantages), and a domain's
+    tuning of another algorithm must not undo them."""
+    from flowcoach.core.config import get_field, set_fields
+    from flowcoach.core.domain import get_domain
+
+    domain_defaults = dict(get_domain(domain_name).train_defaults())
+    default_algo = domain_defaults.pop("algo", "flow-grpo")
+    algo = algo or default_algo
+    cfg = algorithm_defaults(algo)
+    cfg.domain = domain_name
+    if algo != default_algo:
+        reference = algorithm_defaults(default_algo)
+        domain_defaults = {key: value for key, value in domain_defaults.items()
+                           if get_field(cfg, key) == get_field(reference, key)}
+    set_fields(cfg, domain_defaults)
+    return cfg
+
+
 def describe(name: str) -> str:
     doc = (ALGORITHMS.get(name).__doc__ or "").strip()
     return " ".join(doc.split())

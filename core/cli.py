@@ -99,13 +99,13 @@ def _split_domain(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, argv
 
 
-def _algo_from_argv(argv: list[str], default: str = "flow-grpo") -> str:
+def _algo_from_argv(argv: list[str]) -> str | None:
     for k, arg in enumerate(argv):
         if arg == "--algo" and k + 1 < len(argv):
             return argv[k + 1]
         if arg.startswith("--algo="):
             return arg.split("=", 1)[1]
-    return default
+    return None
 
 
 def _console():
@@ -137,19 +137,14 @@ def cmd_domains(argv: list[str]) -> None:
 def cmd_train(argv: list[str]) -> None:
     import tyro
 
-    from flowcoach.core.algorithms import algorithm_defaults
+    from flowcoach.core.algorithms import algorithm_defaults, train_config
     from flowcoach.core.trainer import train
 
-    from flowcoach.core.config import set_fields
-    from flowcoach.core.domain import get_domain
-
     domain, rest = _split_domain(argv)
-    domain_defaults = dict(get_domain(domain).train_defaults()) if domain is not None else {}
-    # a domain may name its default algorithm ("algo"); --algo overrides it
-    defaults = algorithm_defaults(_algo_from_argv(rest, domain_defaults.pop("algo", "flow-grpo")))
-    if domain is not None:
-        defaults.domain = domain
-        set_fields(defaults, domain_defaults)  # then the user's flags win
+    # a domain may name its default algorithm ("algo" in its train_defaults); --algo overrides it
+    algo = _algo_from_argv(rest)
+    defaults = train_config(domain, algo) if domain is not None else algorithm_defaults(algo or "flow-grpo")
+    # then the user's flags win
     cfg = tyro.cli(type(defaults), default=defaults, args=rest, prog="flowcoach train DOMAIN")
     run_dir = train(cfg, console=_console())
     from accelerate import PartialState

@@ -216,6 +216,15 @@ def set_fields(cfg, values: dict) -> None:
         setattr(target, path[-1], tuple(value) if isinstance(value, list) else value)
 
 
+def get_field(cfg, key: str):
+    """The value of a (dotted) field of a nested config dataclass: get_field(cfg, "sampler.noise_level")."""
+    for part in key.split("."):
+        if not hasattr(cfg, part):
+            raise FlowcoachError(f"unknown config field '{key}'")
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 

@@ -36,17 +36,10 @@ EVAL_SAMPLES = {"toy": 500, "grasping": 50, "molecules": 128, "crystals": 128, "
 
 
 def resolved_config(domain_name: str, algo: str):
-    """What `flowcoach train <domain> --algo <algo>` would run: recipe, then domain defaults."""
-    from flowcoach.core.algorithms import algorithm_defaults
-    from flowcoach.core.config import set_fields
-    from flowcoach.core.domain import get_domain
+    """What `flowcoach train <domain> --algo <algo>` would run (core.algorithms.train_config)."""
+    from flowcoach.core.algorithms import train_config
 
-    defaults = dict(get_domain(domain_name).train_defaults())
-    defaults.pop("algo", None)
-    cfg = algorithm_defaults(algo)
-    cfg.domain = domain_name
-    set_fields(cfg, defaults)
-    return cfg
+    return train_config(domain_name, algo)
 
 
 @torch.no_grad()

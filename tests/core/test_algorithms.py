@@ -8,6 +8,7 @@ import torch
 
 from flowcoach.core.advantages import best_of_n_keep, dense_advantages, kl_gate, tree_advantages
 from flowcoach.core.algorithms import algorithm_defaults
+from flowcoach.domains.toy import ToyDomain
 from flowcoach.core.losses import (clipped_ratio_loss, fm_log_likelihood, nft_loss, nft_optimality,
                                    ratio_norm_log_ratio)
 from flowcoach.core.registry import FlowcoachError
@@ -394,3 +395,39 @@ def test_kl_gate_picks_the_samples_the_main_reward_likes_alone():
     assert kl_gate(comps, 0.5).tolist() == [False, False, True, True]
     with pytest.raises(FlowcoachError, match="at least 2 reward components"):
         kl_gate(comps[:, :1], 0.5)
+
+
+class TunedToy(ToyDomain):
+    """A domain whose tuning of flow-grpo touches fields that other recipes define."""
+
+    def train_defaults(self) -> dict:
+        return {"sampler.noise_level": 0.9, "sampler.sde_window_size": 3, "loss.advantage": "per-reward",
+                "optim.lr": 5e-4}
+
+
+class TunedAwmToy(TunedToy):
+    """The same tuning, made for the domain's own default algorithm, AWM."""
+
+    def train_defaults(self) -> dict:
+        return {**super().train_defaults(), "algo": "awm"}
+
+
+def test_domain_tuning_does_not_undo_what_defines_a_recipe():
+    from flowcoach.core.algorithms import train_config
+
+    name = f"{__name__}:TunedToy"
+    flow = train_config(name, "flow-grpo")  # the tuned algorithm: every field applies
+    assert (flow.sampler.noise_level, flow.sampler.sde_window_size, flow.loss.advantage, flow.optim.lr) == \
+        (0.9, 3, "per-reward", 5e-4)
+    assert train_config(name).sampler.noise_level == 0.9  # no algo given: the domain's (flow-grpo)
+    # each recipe keeps the fields it sets unlike flow-grpo; the rest of the tuning still applies
+    assert (train_config(name, "awm").sampler.noise_level, train_config(name, "awm").optim.lr) == (0.4, 5e-4)
+    assert train_config(name, "fpo").sampler.law == "ode" and train_config(name, "fpo").sampler.noise_level == 0.0
+    assert train_config(name, "flow-grpo-fast").sampler.sde_window_size == 2
+    assert train_config(name, "dense-grpo").loss.advantage == "dense"
+    assert train_config(name, "tree-grpo").loss.advantage == "tree"
+    assert train_config(name, "tempflow-grpo").loss.advantage == "per-reward"  # tempflow keeps group advantages
+    # a domain whose default is AWM tuned AWM: all of its fields apply to AWM
+    awm_name = f"{__name__}:TunedAwmToy"
+    assert train_config(awm_name).algo == "awm" and train_config(awm_name).sampler.noise_level == 0.9
+    assert train_config(awm_name, "flow-grpo").sampler.noise_level == 0.7  # flow-grpo's own, unlike AWM's
