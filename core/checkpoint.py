@@ -30,7 +30,14 @@ from torch import nn
 from flowcoach.core.registry import FlowcoachError
 
 
-def save_base(model: nn.Module, domain_name: str, model_config: dict, record: dict, directory: Path) -> None:
+PRETRAIN_STATE = "pretrain_state.pt"
+
+
+def save_base(model: nn.Module, domain_name: str, model_config: dict, record: dict, directory: Path,
+              pretrain_state: dict | None = None) -> None:
+    """Write a base folder in one step (a folder beside it, then renamed over it). A partial base
+    also holds the pretraining state (optimizer, EMA, RNG) that `pretrain --resume` continues from;
+    the finished base does not."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -38,6 +45,8 @@ def save_base(model: nn.Module, domain_name: str, model_config: dict, record: di
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
     (tmp / "model.json").write_text(json.dumps({"domain": domain_name, "model_config": model_config}, indent=2))
     (tmp / "base.json").write_text(json.dumps(record, indent=2))
+    if pretrain_state is not None:
+        torch.save(pretrain_state, tmp / PRETRAIN_STATE)
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(tmp, directory)

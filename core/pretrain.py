@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import shlex
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from flowcoach.core.checkpoint import save_base
+from flowcoach.core.checkpoint import PRETRAIN_STATE, load_base, save_base
 from flowcoach.core.domain import Domain, get_domain
 from flowcoach.core.losses import flow_matching_loss
 from flowcoach.core.registry import FlowcoachError
@@ -37,8 +38,18 @@ class PretrainConfig:
     ema_decay: float = 0.0
     """EMA of the weights (diffusers' EMAModel); the base is the EMA weights when > 0. 0: off."""
     save_every: int = 0
-    """Also write the base (model and a base.json marked partial) every this many steps, so a long
-    pretraining that is stopped keeps its progress. 0: only at the end."""
+    """Also write the base (model and a base.json marked partial, with the optimizer, EMA and RNG
+    state) every this many steps, so a long pretraining that is stopped keeps its progress and
+    `--resume` continues it. 0: only at the end."""
+    resume: bool = False
+    """Continue the stopped pretraining whose partial base is at --output (same flags), exactly
+    where its last save left it."""
+    init_from: str | None = None
+    """Start from this base folder's weights (a fresh optimizer and learning-rate schedule): to
+    pretrain a finished base further."""
+
+# the flags a resumed pretraining must share with the stopped one (the rest do not change the run)
+RESUME_FIELDS = ("domain", "steps", "batch_size", "lr", "seed", "ema_decay", "init_from")
 
 
 def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) -> Path:
@@ -55,6 +66,9 @@ def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) ->
     model = domain.build_model(**model_config)
     if cfg.ema_decay < 0 or cfg.ema_decay >= 1 or cfg.save_every < 0:
         raise FlowcoachError("pretrain needs 0 <= ema_decay < 1 and save_every >= 0")
+    if cfg.init_from:
+        model, _ = load_base(domain, cfg.init_from)
+        model_config = json.loads((Path(cfg.init_from) / "model.json").read_text())["model_config"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     ema = None
     if cfg.ema_decay > 0:
@@ -63,11 +77,26 @@ def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) ->
         ema = EMAModel(model.parameters(), decay=cfg.ema_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.steps)
     say = console.print if console is not None else print
+    state = _resume_state(cfg, out) if cfg.resume else None
+    if state is None and (out / PRETRAIN_STATE).exists():
+        raise FlowcoachError(f"'{out}' holds a stopped pretraining; pass --resume to continue it, "
+                             "or give another --output")
+    first, losses, cpu_before, wall_before = 0, [], 0.0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        g.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        first, losses = state["step"], state["losses"]
+        cpu_before, wall_before = state["cpu_seconds"], state["wall_seconds"]
+        say(f"resuming the pretraining in {out} at step {first}")
     say(f"pretraining {domain.name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{x0.shape[0]:,} training samples, {cfg.steps} steps of {cfg.batch_size}")
     start, cpu_start = time.perf_counter(), time.process_time()
-    losses = []
-    for step in range(cfg.steps):
+    for step in range(first, cfg.steps):
         idx = domain.pretrain_batch(x0.shape[0], cfg.batch_size, g)
         loss = flow_matching_loss(model, x0[idx], index_cond(cond, idx), generator=g, couple=domain.couple)
         optimizer.zero_grad(set_to_none=True)
@@ -77,15 +106,21 @@ def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) ->
         schedule.step()
         if ema is not None:
             ema.step(model.parameters())
-        losses.append(loss.item())
+        losses = [*losses[-99:], loss.item()]  # the last 100, for the reported loss
         if (step + 1) % max(1, cfg.steps // 10) == 0:
-            say(f"  step {step + 1}/{cfg.steps}  flow-matching loss {sum(losses[-100:]) / len(losses[-100:]):.4f}")
+            say(f"  step {step + 1}/{cfg.steps}  flow-matching loss {sum(losses) / len(losses):.4f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            wall, cpu = wall_before + time.perf_counter() - start, cpu_before + time.process_time() - cpu_start
             partial = {"partial": True, "step": step + 1, "config": asdict(cfg),
-                       "loss": sum(losses[-100:]) / len(losses[-100:]),
-                       "wall_seconds": round(time.perf_counter() - start, 1)}
-            save_base(_weights(model, ema), domain.name, model_config, partial, out)
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+                       "loss": sum(losses) / len(losses), "wall_seconds": round(wall, 1)}
+            resumable = {"step": step + 1, "config": asdict(cfg), "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                         "ema": ema.state_dict() if ema is not None else None, "generator": g.get_state(),
+                         "torch_rng": torch.get_rng_state(), "losses": losses,
+                         "cpu_seconds": cpu, "wall_seconds": wall}
+            save_base(_weights(model, ema), domain.name, model_config, partial, out, pretrain_state=resumable)
+    seconds = wall_before + time.perf_counter() - start
+    cpu_seconds = cpu_before + time.process_time() - cpu_start
     model = _weights(model, ema)
     model.eval()
     metrics, _, _ = evaluate_model(model, domain, cfg.eval_samples, cfg.eval_num_steps)
@@ -93,7 +128,7 @@ def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) ->
         "command": "flowcoach pretrain " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["pretrain"] else None,
         "config": asdict(cfg),
         "data": f"{domain.name} data('train'): {x0.shape[0]} samples",
-        "final_loss": sum(losses[-100:]) / len(losses[-100:]),
+        "final_loss": sum(losses) / len(losses),
         "wall_seconds": round(seconds, 1),
         "cpu_seconds": round(cpu_seconds, 1),
         "threads": torch.get_num_threads(),
@@ -104,6 +139,22 @@ def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) ->
     save_base(model, domain.name, model_config, record, out)
     say(f"base model written to {out}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     return out
+
+
+def _resume_state(cfg: PretrainConfig, out: Path) -> dict:
+    """The state a stopped pretraining saved in its partial base, checked against the flags."""
+    path = out / PRETRAIN_STATE
+    if not path.exists():
+        raise FlowcoachError(f"nothing to resume in '{out}': a pretraining writes its state there every "
+                             "--save-every steps; run without --resume to start one")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved = state["config"]
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)} (now {getattr(cfg, k)})"
+               for k in RESUME_FIELDS if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        raise FlowcoachError(f"the pretraining in '{out}' was started with " + ", ".join(changed) +
+                             "; resume it with the same flags, or pretrain further with --init-from")
+    return state
 
 
 def _weights(model, ema):

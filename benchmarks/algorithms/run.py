@@ -146,6 +146,8 @@ def main(argv=None) -> int:
     p.add_argument("--evals", type=int, default=6, help="held-out evaluations per run (plus the final one)")
     p.add_argument("--out-dir", default="runs/bench_algorithms")
     p.add_argument("--resume", action="store_true", help="skip runs already in the results file")
+    p.add_argument("--rerun", action="store_true",
+                   help="run the --algos again and keep every other run of the results file")
     p.add_argument("--results-suffix", default="", help="write algorithms_<domain><suffix>.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -155,10 +157,14 @@ def main(argv=None) -> int:
         seeds = args.seeds or ([0, 1, 2] if domain_name == "toy" else [0])
         eval_samples = EVAL_SAMPLES.get(domain_name, 128)
         path = RESULTS / f"algorithms_{domain_name}{args.results_suffix}.json"
-        record = json.loads(path.read_text()) if args.resume and path.exists() else {}
+        record = json.loads(path.read_text()) if (args.resume or args.rerun) and path.exists() else {}
+        command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/algorithms/run.py " + " ".join(argv or sys.argv[1:])
+        if args.rerun and "command" in record:  # the table stays the first command's, with these runs redone
+            record.setdefault("rerun_commands", []).append(command)
+            command = record["command"]
         record.update({"domain": domain_name, "budget_cpu_s": budget, "evals_per_run": args.evals,
                        "eval_samples": eval_samples,
-                       "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/algorithms/run.py " + " ".join(argv or sys.argv[1:]),
+                       "command": command,
                        "machine": {"platform": platform.platform(), "python": platform.python_version(),
                                    "torch": torch.__version__, "threads": torch.get_num_threads(),
                                    "note": "2-core CPU shared with other engineers' jobs; budgets are process CPU seconds"}})
@@ -169,7 +175,7 @@ def main(argv=None) -> int:
         for algo in algos:
             for seed in seeds:
                 key = f"{algo}/{seed}"
-                if args.resume and key in record["runs"] and "error" not in record["runs"][key]:
+                if args.resume and not args.rerun and key in record["runs"] and "error" not in record["runs"][key]:
                     continue
                 print(f"[{domain_name}] {algo} seed {seed}: {budget:g} CPU s", flush=True)
                 try:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from flowcoach.core.cli import main
 
@@ -83,3 +84,61 @@ def test_pretrain_writes_a_loadable_base(tmp_path, capsys):
     assert record["config"]["steps"] == 50 and "target_hit_rate" in record["eval"]["metrics"]
     assert main(["eval", "toy", "--base", str(tmp_path / "base"), "--num-samples", "50",
                  "--output", str(tmp_path / "ev")]) == 0
+
+
+class StopsAfter:
+    """The toy domain, stopped (as by Ctrl-C) on its n-th pretraining batch."""
+
+    def __init__(self, n: int):
+        from flowcoach.domains.toy import ToyDomain
+
+        self.domain, self.calls, self.n = ToyDomain(), 0, n
+
+    def __getattr__(self, name):
+        return getattr(self.domain, name)
+
+    def pretrain_batch(self, *args):
+        self.calls += 1
+        if self.calls == self.n:
+            raise KeyboardInterrupt
+        return self.domain.pretrain_batch(*args)
+
+
+def test_a_stopped_pretraining_resumes_to_the_weights_of_an_unstopped_one(tmp_path):
+    from safetensors.torch import load_file
+
+    from flowcoach.core.pretrain import PretrainConfig, pretrain
+    from flowcoach.core.registry import FlowcoachError
+    from flowcoach.domains.toy import ToyDomain
+
+    flags = dict(domain="toy", steps=12, batch_size=64, ema_decay=0.9, save_every=4, eval_samples=50)
+    whole = pretrain(PretrainConfig(**flags, output=str(tmp_path / "whole")), ToyDomain())
+    assert not (whole / "pretrain_state.pt").exists()  # a finished base carries no optimizer state
+    out = str(tmp_path / "stopped")
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(PretrainConfig(**flags, output=out), StopsAfter(11))  # stopped at step 11: last save at 8
+    assert json.loads((tmp_path / "stopped" / "base.json").read_text())["step"] == 8
+    with pytest.raises(FlowcoachError, match="--resume"):  # a plain rerun would overwrite it
+        pretrain(PretrainConfig(**flags, output=out), ToyDomain())
+    with pytest.raises(FlowcoachError, match="--lr"):
+        pretrain(PretrainConfig(**{**flags, "lr": 1e-4}, output=out, resume=True), ToyDomain())
+    resumed = pretrain(PretrainConfig(**flags, output=out, resume=True), ToyDomain())
+    a, b = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same EMA weights, bit for bit
+    with pytest.raises(FlowcoachError, match="nothing to resume"):
+        pretrain(PretrainConfig(**flags, output=str(tmp_path / "none"), resume=True), ToyDomain())
+
+
+def test_init_from_continues_a_finished_base(tmp_path):
+    from safetensors.torch import load_file
+
+    from flowcoach.core.pretrain import PretrainConfig, pretrain
+    from flowcoach.domains.toy import ToyDomain
+
+    first = pretrain(PretrainConfig(domain="toy", steps=20, eval_samples=50, output=str(tmp_path / "a")), ToyDomain())
+    again = pretrain(PretrainConfig(domain="toy", steps=3, lr=1e-6, seed=1, eval_samples=50, init_from=str(first),
+                                    output=str(tmp_path / "b")), ToyDomain())
+    a, b = load_file(first / "model.safetensors"), load_file(again / "model.safetensors")
+    # 3 AdamW steps of lr 1e-6 move each weight by at most ~3e-6 from the base it started from
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # and it did train
