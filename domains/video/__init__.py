@@ -31,11 +31,14 @@ def to_pixels(clips: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(clips.transpose(0, 4, 1, 2, 3))) * 2.0 - 1.0
 
 
-def decode_clips(x: torch.Tensor) -> list[np.ndarray]:
-    """[B, 3, frames, H, W] in [-1, 1] -> uint8 frames [frames, H, W, 3] per sample; NaN -> 0, clipped."""
-    x = torch.nan_to_num(x.detach().float().cpu(), nan=-1.0, posinf=1.0, neginf=-1.0)
-    frames = ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
-    return list(frames)
+def decode_clips(x: torch.Tensor) -> list[np.ndarray | None]:
+    """[B, 3, frames, H, W] in [-1, 1] -> uint8 frames [frames, H, W, 3] per sample, clipped; None for
+    a sample holding NaN or inf (a diverged sample is invalid: read as black, it would be an empty
+    clip that neither flickers nor warps)."""
+    x = x.detach().float().cpu()
+    finite = torch.isfinite(x).flatten(1).all(1).tolist()
+    frames = ((torch.nan_to_num(x).clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+    return [clip if ok else None for clip, ok in zip(frames, finite)]
 
 
 def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

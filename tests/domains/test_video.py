@@ -260,7 +260,14 @@ def test_decode_to_pixels_round_trip_and_save(tmp_path):
     frames = decode_clips(to_pixels(clips))
     assert frames[0].dtype == np.uint8 and frames[0].shape == (16, 32, 32, 3)
     assert np.abs(frames[2].astype(int) - u8(clips[2]).astype(int)).max() <= 1
-    assert decode_clips(torch.full((1, 3, 16, 32, 32), float("nan")))[0].max() == 0
+    diverged = to_pixels(clips[:2].astype(np.float32))
+    diverged[1, 0, 3, 5, 7] = float("nan")  # one NaN makes the sample invalid, not a black clip
+    decoded = decode_clips(diverged)
+    assert decoded[0] is not None and decoded[1] is None
+    conds = np.stack(SCENE_CONDS[:2])
+    scores, info = build_reward(VideoDomain().default_rewards())(decoded, conds)
+    assert scores[1] == 0.0 and scores[0] > 0.0 and info["video-physics/invalid"] == 1
+    assert VideoDomain().evaluate(decoded, conds)["invalid_rate"] == 0.5
     files = VideoDomain().save(frames, torch.arange(4.0), tmp_path)
     names = {f.name for f in files}
     assert {"samples.gif", "clips.npy", "rewards.json"} <= names
