@@ -113,16 +113,16 @@ def evaluate_molecules(objects: list, train_smiles: set[str] | frozenset[str] | 
     atoms = sum(m.num_atoms for m in objects)
     metrics = {
         "validity": len(valid) / total,
-        "uniqueness": len(unique_smiles) / len(valid) if valid else 0.0,
+        "uniqueness": len(unique_smiles) / len(valid) if valid else float("nan"),  # undefined, as qed_mean
         "atom_stability": sum(int(m.stable_atoms.sum()) for m in objects) / atoms if atoms else 0.0,
         "mol_stability": sum(m.stable for m in objects) / total,
         "empty_rate": sum(m.num_atoms == 0 for m in objects) / total,
         "mean_atoms": atoms / total,
     }
-    metrics["v_x_u"] = metrics["validity"] * metrics["uniqueness"]
+    metrics["v_x_u"] = len(unique_smiles) / total  # = validity x uniqueness, 0 when nothing is valid
     if train_smiles is not None:
         novel = [s for s in unique_smiles if s not in train_smiles]
-        metrics["novelty"] = len(novel) / len(unique_smiles) if unique_smiles else 0.0
+        metrics["novelty"] = len(novel) / len(unique_smiles) if unique_smiles else float("nan")
         metrics["vun"] = len(novel) / total
     metrics.update(_stats([qed_of(m) for m in valid], "qed"))
     metrics.update(_stats([sa_of(m) for m in valid], "sa"))

@@ -5,6 +5,7 @@ Everything runs on a 2,000-molecule QM9 subset and tiny models built here; the f
 (the shipped base reproduces its recorded figures) are marked slow.
 """
 
+import math
 import json
 
 import numpy as np
@@ -255,7 +256,9 @@ def test_evaluator_on_hand_checked_molecules():
 
 def test_evaluator_of_nothing_valid_is_defined():
     m = evaluate_molecules([invalid_molecule(), empty_molecule()], train_smiles=frozenset())
-    assert m["validity"] == 0.0 and m["uniqueness"] == 0.0 and m["novelty"] == 0.0
+    assert m["validity"] == 0.0 and m["v_x_u"] == 0.0 and m["vun"] == 0.0
+    # of no valid molecule, uniqueness and novelty are undefined, not 0 (which would read as a collapse)
+    assert math.isnan(m["uniqueness"]) and math.isnan(m["novelty"]) and math.isnan(m["qed_mean"])
     assert all(isinstance(v, float) for v in m.values())
 
 
