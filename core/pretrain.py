@@ -62,13 +62,14 @@ def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) ->
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     x0, cond = domain.data("train")
-    model_config = domain.model_config()
-    model = domain.build_model(**model_config)
     if cfg.ema_decay < 0 or cfg.ema_decay >= 1 or cfg.save_every < 0:
         raise FlowcoachError("pretrain needs 0 <= ema_decay < 1 and save_every >= 0")
-    if cfg.init_from:
+    if cfg.init_from:  # the base's weights and its model config
         model, _ = load_base(domain, cfg.init_from)
         model_config = json.loads((Path(cfg.init_from) / "model.json").read_text())["model_config"]
+    else:
+        model_config = domain.model_config()
+        model = domain.build_model(**model_config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     ema = None
     if cfg.ema_decay > 0:

@@ -35,13 +35,6 @@ BUDGET_S = {"toy": 10.0, "grasping": 180.0, "molecules": 180.0, "crystals": 180.
 EVAL_SAMPLES = {"toy": 500, "grasping": 50, "molecules": 128, "crystals": 128, "video": 64, "speech": 48}
 
 
-def resolved_config(domain_name: str, algo: str):
-    """What `flowcoach train <domain> --algo <algo>` would run (core.algorithms.train_config)."""
-    from flowcoach.core.algorithms import train_config
-
-    return train_config(domain_name, algo)
-
-
 @torch.no_grad()
 def latent_diversity(model, domain, num_steps: int, shift: float, n_cond: int = 8, per_cond: int = 8) -> float:
     """Mean pairwise L2 distance between samples of the same condition (per_cond ODE samples from
@@ -73,12 +66,13 @@ def eval_points(rows: list[dict]) -> list[dict]:
 
 
 def run_one(domain_name: str, algo: str, seed: int, budget: float, evals: int, out_dir: Path, eval_samples: int) -> dict:
+    from flowcoach.core.algorithms import train_config
     from flowcoach.core.checkpoint import load_trained
     from flowcoach.core.domain import get_domain
     from flowcoach.core.trainer import train
 
     domain = get_domain(domain_name)
-    cfg = resolved_config(domain_name, algo)
+    cfg = train_config(domain_name, algo)  # what `flowcoach train <domain> --algo <algo>` runs
     cfg.seed = seed
     cfg.steps = 100_000
     cfg.time_budget_s = budget
@@ -111,12 +105,13 @@ def run_one(domain_name: str, algo: str, seed: int, budget: float, evals: int, o
 
 
 def base_point(domain_name: str, eval_samples: int) -> dict:
+    from flowcoach.core.algorithms import train_config
     from flowcoach.core.checkpoint import load_base
     from flowcoach.core.domain import get_domain
     from flowcoach.core.trainer import evaluate_model
 
     domain = get_domain(domain_name)
-    cfg = resolved_config(domain_name, "flow-grpo")
+    cfg = train_config(domain_name, "flow-grpo")
     model, _ = load_base(domain)
     metrics, _, _ = evaluate_model(model, domain, eval_samples, cfg.sampler.eval_num_steps, cfg.sampler.shift,
                                    domain.default_rewards())

@@ -182,10 +182,11 @@ class PipelineVideoDomain(Domain):
     def decode(self, x: torch.Tensor) -> list:
         vae = self.pipe.vae
         x = x.detach().float().cpu()
-        finite = torch.isfinite(x).flatten(1).all(1).tolist()  # a diverged latent decodes to None
         latents = torch.nan_to_num(x) * self._std + self._mean
-        frames = [vae.decode(chunk.to(self.device, vae.dtype), return_dict=False)[0].float().cpu() for chunk in latents.split(4)]
-        return [clip if ok else None for clip, ok in zip(decode_clips(torch.cat(frames)), finite)]
+        frames = torch.cat([vae.decode(chunk.to(self.device, vae.dtype), return_dict=False)[0].float().cpu()
+                            for chunk in latents.split(4)])
+        frames[~torch.isfinite(x).flatten(1).all(1)] = float("nan")  # a diverged latent: decode_clips gives None
+        return decode_clips(frames)
 
     def data(self, split: str) -> tuple[torch.Tensor, dict]:
         if split not in self._data:

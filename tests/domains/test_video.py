@@ -332,6 +332,10 @@ def test_one_rl_step_on_a_tiny_wan_pipeline_changes_only_lora(tmp_path):
     for k, v in pipe.transformer.state_dict().items():  # the pipeline's own weights never move
         assert torch.equal(v, before[k]), k
     assert json.loads((run / "eval" / "metrics.json").read_text())["invalid_rate"] == 0.0
+    latents = domain.data("train")[0][:2].clone()
+    latents[1].view(-1)[0] = float("inf")  # a diverged latent decodes to None through the VAE too
+    decoded = domain.decode(latents)
+    assert decoded[0] is not None and decoded[1] is None
 
 
 # ----------------------------------------------------------------------------- the shipped base
