@@ -13,6 +13,7 @@ CHGNet's prediction is not finite) a defined floor value and counts it in ``info
 | crystal-force | -max CHGNet force norm (eV/Å), clipped to [-5, 0] | -5 |
 | crystal-stable | 1 if the proxy E_hull <= 0.1 eV/atom, else 0 | 0 |
 | crystal-volume | 0 inside the composition's volume band, else -(distance of ln V to the band), clipped to [-5, 0] | -5 |
+| crystal-distance | 0 when no two atoms are closer than 1.1 Å, else -(1.1 - d_min) / 0.6, clipped to [-2, 0] | -2 |
 
 crystal-volume is the guard against the hack seen in the first RL runs: a policy whose structures
 are poor lowers CHGNet's E_hull by swelling its cells toward isolated atoms (valid by distance,
@@ -20,6 +21,12 @@ less bad in energy). Its band is composition-aware where the domain has set a
 ``physics.VolumeModel`` (per-element volumes fitted to the training crystals; the band holds 95% of
 them): a fixed 8-50 Å^3/atom window (the training crystals' 1st-95th percentile) let a later run
 swell its cells within it, density distance 0.22 -> 2.9 g/cm^3. Without a model the fixed window is used.
+
+crystal-distance is the validity gate made smooth: the gate only says whether two atoms are closer
+than 0.5 Å, so a sample at 0.6 Å and one at 2 Å score alike. No training crystal has two atoms closer
+than 1.14 Å; the term is 0 from 1.1 Å on and -1 at the gate. It can be raised by swelling the cell as
+well as by moving atoms apart, so it needs crystal-volume beside it (a scale-free variant, d_min over
+(V/N)^(1/3), was tried and moved validity less: benchmarks/crystals/README.md).
 
 CHGNet is called once per structure per process (results are cached), however many of these rewards
 are composed. The proxy hull is the domain's (its elemental references and training crystals).
@@ -114,6 +121,24 @@ def volume(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
         outside += gap > 0
         scores.append(float(max(-gap, -5.0)))
     return torch.tensor(scores, dtype=torch.float32), {"invalid": outside}
+
+
+DISTANCE_TARGET = 1.1  # Å: below every training crystal's shortest distance (1.14 Å)
+DISTANCE_FLOOR = -2.0
+
+
+def distance(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
+    scores, short = [], 0
+    for s in objects:
+        d = physics.min_periodic_distance(s) if s is not None and len(s) else float("nan")
+        if not np.isfinite(d):
+            scores.append(DISTANCE_FLOOR)
+            short += 1
+            continue
+        gap = max(DISTANCE_TARGET - d, 0.0) / (DISTANCE_TARGET - physics.MIN_DISTANCE)
+        short += gap > 0
+        scores.append(float(max(-gap, DISTANCE_FLOOR)))
+    return torch.tensor(scores, dtype=torch.float32), {"invalid": short}
 
 
 def force(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:

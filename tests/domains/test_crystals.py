@@ -340,6 +340,18 @@ def test_volume_window_penalises_swollen_and_crushed_cells():
     assert scores[1] == pytest.approx(-np.log(10.0)) and scores[2] == pytest.approx(-np.log(2.0))
 
 
+def test_distance_reward_is_zero_past_the_target_minus_one_at_the_gate_and_floored():
+    from flowcoach.rewards.crystals import distance
+
+    def pair(d):  # two atoms d Å apart along x in a cell large enough that no image is closer
+        return Structure(Lattice.cubic(8.0), ["Na", "Cl"], [[0, 0, 0], [d / 8.0, 0, 0]])
+
+    scores, info = distance([rocksalt(), pair(1.1), pair(0.8), pair(0.5), pair(0.02), None], None)
+    # rocksalt's shortest distance is a/2 = 2.82 Å; (1.1 - d) / (1.1 - 0.5) below 1.1 Å
+    assert scores.tolist() == pytest.approx([0.0, 0.0, -0.5, -1.0, -1.8, -2.0])
+    assert info == {"invalid": 4}
+
+
 def test_volume_model_fits_element_volumes_and_bands_each_composition():
     from flowcoach.rewards.crystals import volume
 
