@@ -1,6 +1,6 @@
 """Evaluator metrics of molecule models (and of held-out QM9 itself) on N samples, with CPU time.
 
-    .venv/bin/python benchmarks/molecules/evaluate_models.py --label base --checkpoint base
+    .venv/bin/python benchmarks/molecules/evaluate_models.py --label base --checkpoint base   # --base DIR: another base
     .venv/bin/python benchmarks/molecules/evaluate_models.py --label rl --checkpoint runs/molecules__flow-grpo__0__...
     .venv/bin/python benchmarks/molecules/evaluate_models.py --label qm9-heldout --checkpoint data
 
@@ -29,6 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", required=True)
     parser.add_argument("--checkpoint", default="base", help="'base', a run or checkpoint folder, or 'data'")
+    parser.add_argument("--base", default=None, help="the base folder behind --checkpoint base (default: the shipped one)")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--num-steps", type=int, default=40)
     parser.add_argument("--seed", type=int, default=12345)
@@ -43,7 +44,7 @@ def main() -> None:
         objects = domain.decode(x0[pick])  # a random subset: the split is sorted by QM9 index (by size)
         metrics = domain.evaluate(objects, cond[pick])
     else:
-        model = load_trained(domain, args.checkpoint).eval()
+        model = load_trained(domain, args.checkpoint, base=args.base).eval()
         metrics, _, _ = evaluate_model(model, domain, args.num_samples, args.num_steps, seed=args.seed)
     record = {
         "label": args.label,
