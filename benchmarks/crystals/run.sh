@@ -5,6 +5,8 @@
 set -euo pipefail
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 RL_STEPS=${1:-150}
+# the rewards of this first protocol (the domain's defaults then; they now add crystal-distance, see README)
+REWARDS="crystal-valid=1 crystal-ehull=1 crystal-force=0.05 crystal-volume=1"
 FC=.venv/bin/flowcoach
 mkdir -p runs
 
@@ -18,7 +20,7 @@ start=$(date +%s)
 /usr/bin/time -v $FC train crystals --algo flow-grpo --steps "$RL_STEPS" \
     --groups-per-step 16 --group-size 8 --sampler.num-steps 10 --sampler.eval-num-steps 20 \
     --sampler.noise-level 0.7 --sampler.sde-window-size 3 --sampler.logprob-reduction sum \
-    --optim.lr 3e-4 --optimizer-steps-per-epoch 2 \
+    --optim.lr 3e-4 --optimizer-steps-per-epoch 2 --rewards $REWARDS \
     --eval-samples 128 --eval-every 0 --sample-every 25 --checkpoint-every 25 --keep-checkpoints 6 \
     --no-tensorboard --output-dir "$OUT" 2> runs/crystals_rl.time
 echo "rl wall seconds: $(( $(date +%s) - start ))"
@@ -36,7 +38,7 @@ $FC pretrain $DNG --steps 1500 --batch-size 128 --lr 1e-3 --eval-samples 500 --e
 $FC train $DNG --base domains/crystals/base-dng --algo flow-grpo --steps "$RL_STEPS" \
     --groups-per-step 16 --group-size 8 --sampler.num-steps 10 --sampler.eval-num-steps 20 \
     --sampler.noise-level 0.7 --sampler.sde-window-size 3 --sampler.logprob-reduction sum \
-    --optim.lr 3e-4 --optimizer-steps-per-epoch 2 --eval-samples 128 --sample-every 25 \
+    --optim.lr 3e-4 --optimizer-steps-per-epoch 2 --rewards $REWARDS --eval-samples 128 --sample-every 25 \
     --checkpoint-every 25 --no-tensorboard --output-dir runs/benchmarks/crystals-dng
 .venv/bin/python benchmarks/crystals/evaluate_models.py --mode dng --label dng_base --checkpoint base
 .venv/bin/python benchmarks/crystals/evaluate_models.py --mode dng --label dng_rl \
