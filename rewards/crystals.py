@@ -13,7 +13,7 @@ CHGNet's prediction is not finite) a defined floor value and counts it in ``info
 | crystal-force | -max CHGNet force norm (eV/Å), clipped to [-5, 0] | -5 |
 | crystal-stable | 1 if the proxy E_hull <= 0.1 eV/atom, else 0 | 0 |
 | crystal-volume | 0 inside the composition's volume band, else -(distance of ln V to the band), clipped to [-5, 0] | -5 |
-| crystal-distance | 0 when no two atoms are closer than 1.1 Å, else -(1.1 - d_min) / 0.6, clipped to [-2, 0] | -2 |
+| crystal-distance | 0 when no two atoms are closer than 1.1 Å, else -(1.1 - d_min) / 0.6 (so >= -1.83) | -2 |
 
 crystal-volume is the guard against the hack seen in the first RL runs: a policy whose structures
 are poor lowers CHGNet's E_hull by swelling its cells toward isolated atoms (valid by distance,
@@ -124,7 +124,7 @@ def volume(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
 
 
 DISTANCE_TARGET = 1.1  # Å: below every training crystal's shortest distance (1.14 Å)
-DISTANCE_FLOOR = -2.0
+DISTANCE_FLOOR = -2.0  # below the worst decodable score, -(1.1 - 0) / 0.6
 
 
 def distance(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
@@ -137,7 +137,7 @@ def distance(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
             continue
         gap = max(DISTANCE_TARGET - d, 0.0) / (DISTANCE_TARGET - physics.MIN_DISTANCE)
         short += gap > 0
-        scores.append(float(max(-gap, DISTANCE_FLOOR)))
+        scores.append(-gap)
     return torch.tensor(scores, dtype=torch.float32), {"invalid": short}
 
 
