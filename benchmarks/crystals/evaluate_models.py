@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from flowcoach.core.checkpoint import load_trained
-from flowcoach.core.trainer import evaluate_model
+from flowcoach.core.trainer import evaluate_model, generate
 from flowcoach.domains.crystals import CrystalsDNGDomain, CrystalsDomain
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,6 +37,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--mode", choices=("csp", "dng"), default="csp",
                         help="csp: structure prediction (types given); dng: de novo (types generated)")
+    parser.add_argument("--conditions", choices=("heldout", "validation"), default="heldout",
+                        help="heldout: the reported compositions; validation: training compositions, for "
+                             "choosing a checkpoint without looking at the held-out ones")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     domain = CrystalsDomain() if args.mode == "csp" else CrystalsDNGDomain()
@@ -45,6 +48,11 @@ def main() -> None:
         x0, cond = domain.data("heldout")
         idx = torch.arange(args.num_samples) % x0.shape[0]
         metrics = domain.evaluate(domain.decode(x0[idx]), cond[idx])
+    elif args.conditions == "validation":
+        model = load_trained(domain, args.checkpoint).eval()
+        cond = domain.validation_conditions(args.num_samples)
+        objects = domain.decode(generate(model, domain, cond, args.num_steps, seed=args.seed))
+        metrics = {k: float(v) for k, v in domain.evaluate(objects, cond).items()}
     else:
         model = load_trained(domain, args.checkpoint).eval()
         metrics, _, _ = evaluate_model(model, domain, args.num_samples, args.num_steps, seed=args.seed)
@@ -53,6 +61,7 @@ def main() -> None:
         "command": "python benchmarks/crystals/evaluate_models.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
         "checkpoint": args.checkpoint,
+        "conditions": args.conditions,
         "num_samples": args.num_samples,
         "ode_steps": args.num_steps,
         "seed": args.seed,

@@ -76,6 +76,13 @@ class CrystalsDomain(Domain):
         comp = composition_tensor(self._load()["heldout"])
         return comp[torch.arange(n) % comp.shape[0]]
 
+    def validation_conditions(self, n: int, seed: int = 7) -> torch.Tensor:
+        """n training compositions, a fixed random pick (cycled): for choosing an RL checkpoint
+        without looking at the held-out compositions the benchmark reports."""
+        comp = composition_tensor(self._load()["train"])
+        order = torch.randperm(comp.shape[0], generator=torch.Generator().manual_seed(seed))
+        return comp[order[torch.arange(n) % comp.shape[0]]]
+
     # ------------------------------------------------------------------ model
     def model_config(self) -> dict:
         return {"width": self.width, "depth": self.depth, "harmonics": 4, "generate_types": self.generate_types,

@@ -271,6 +271,18 @@ def test_data_is_deterministic_and_valid(domain):
     assert (cond > 0).sum(1).max() <= N_MAX
 
 
+def test_validation_conditions_are_training_compositions_fixed_and_never_held_out(domain):
+    from flowcoach.domains.crystals import composition_key
+
+    train = {composition_key(r) for r in domain.data("train")[1]}
+    held = {composition_key(r) for r in domain.eval_conditions(64)}
+    val = domain.validation_conditions(64)
+    keys = [composition_key(r) for r in val]
+    assert set(keys) <= train and not set(keys) & held
+    assert torch.equal(val, domain.validation_conditions(64))
+    assert len(set(keys[:len(train)])) == min(len(train), 64)  # a permutation before it cycles
+
+
 def test_coupling_keeps_each_crystal_and_pairs_it_along_the_torus_geodesic(domain):
     x0, cond = domain.data("train")
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
