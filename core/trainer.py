@@ -749,6 +749,8 @@ def rl_step(policy, optimizer, accelerator, domain, cfg: TrainConfig, plan: Batc
     })
     if stats["kl"]:
         metrics["kl/ref"] = cat_mean(stats["kl"])
+    if stats.get("anchor"):  # the flow-matching loss on real data: watch it to see anchoring hold
+        metrics["loss/anchor"] = sum(stats["anchor"]) / len(stats["anchor"])
     return metrics
 
 

@@ -4,10 +4,13 @@
     .venv/bin/python benchmarks/crystals/evaluate_models.py --label rl --checkpoint runs/benchmarks/crystals/crystals__flow-grpo__0__...
     .venv/bin/python benchmarks/crystals/evaluate_models.py --label heldout --checkpoint data
     .venv/bin/python benchmarks/crystals/evaluate_models.py --mode dng --label dng_base --checkpoint base
+    .venv/bin/python benchmarks/crystals/evaluate_models.py --conditions validation --label val_rl --checkpoint <run>
 
 Writes benchmarks/results/crystals_<label>.json. Samples use the held-out compositions (cycled) and
-the deterministic Euler ODE sampler; stability is the proxy (CHGNet energies on a hull of CHGNet
-energies of elemental references and the training crystals), not the Materials Project hull.
+the deterministic Euler ODE sampler; ``--conditions validation`` uses a fixed pick of training
+compositions instead, for choosing among checkpoints without looking at the held-out set. Stability
+is the proxy (CHGNet energies on a hull of CHGNet energies of elemental references and the training
+crystals), not the Materials Project hull.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ def main() -> None:
                         help="heldout: the reported compositions; validation: training compositions, for "
                              "choosing a checkpoint without looking at the held-out ones")
     args = parser.parse_args()
+    if args.checkpoint == "data" and args.conditions == "validation":
+        parser.error("--checkpoint data evaluates the held-out crystals; --conditions validation needs a model")
     torch.set_num_threads(args.threads)
     domain = CrystalsDomain() if args.mode == "csp" else CrystalsDNGDomain()
     wall, cpu = time.perf_counter(), time.process_time()

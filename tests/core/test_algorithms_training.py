@@ -86,6 +86,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, algo, extra):
     resumed = train(config(tmp_path / "split", algo, steps=4, resume="latest", **kw))
     without_eval = lambda rows: [{k: v for k, v in r.items() if not k.startswith("eval/")} for r in rows]  # noqa: E731
     assert without_eval(read_metrics(resumed)) == without_eval(read_metrics(straight))
+    if "loss.anchor_weight" in extra:  # the anchoring loss is reported every step
+        assert all(r["loss/anchor"] > 0 for r in read_metrics(straight))
     ws, wr = final_weights(straight), final_weights(resumed)
     assert all(torch.equal(ws[k], wr[k]) for k in ws)
     if algo == "diffusion-nft":
@@ -121,14 +123,16 @@ def test_data_anchoring_adds_the_flow_matching_gradient_on_real_data(tmp_path):
     start = {k: v.detach().clone() for k, v in model.named_parameters()}
     optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)
     pairs = rollout.trained_pairs()
+    stats = {k: [] for k in ("loss", "ratio", "clipped", "approx_kl", "kl")}
     optimizer_step_on(pairs, pairs[:1], policy, optimizer, Accelerator(cpu=True), rollout,
-                      torch.zeros(rollout.batch_size), None, cfg, {k: [] for k in ("loss", "ratio", "clipped", "approx_kl", "kl")},
-                      anchor=part)
+                      torch.zeros(rollout.batch_size), None, cfg, stats, anchor=part)
     # zero advantages: the step is the anchoring loss's gradient alone, computed here independently
     reference = load_base(domain)[0]
     xb, cb, t, eps = part
     tb = t[:, None]
-    loss = 0.3 * ((reference((1 - tb) * xb + tb * eps, t, cb) - (eps - xb)) ** 2).mean()
+    fm = ((reference((1 - tb) * xb + tb * eps, t, cb) - (eps - xb)) ** 2).mean()
+    assert stats["anchor"] == [pytest.approx(float(fm), rel=1e-5)]  # the logged loss/anchor, unweighted
+    loss = 0.3 * fm
     loss.backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(start[name] - p.detach(), dict(reference.named_parameters())[name].grad,
