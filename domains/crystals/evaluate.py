@@ -149,6 +149,9 @@ def evaluate_structures(objects: list, train: list, heldout: list, targets: list
         "novel_rate": sum(nov) / max(1, len(nov)),
         "sun_rate": sum(sun) / n,
         "density_wdist": wasserstein([s.density for s in valid_s], [s.density for s in heldout]),
+        # the direction the distance does not show: swollen cells (RL's cheap way to lower the proxy
+        # energy and lengthen the shortest distance) are lighter than the held-out crystals
+        "density_mean": float(np.mean([s.density for s in valid_s])) if valid_s else float("nan"),
         "nelem_wdist": wasserstein([len(s.composition) for s in valid_s], [len(s.composition) for s in heldout]),
         "element_tv": element_tv(valid_s, heldout) if valid_s else float("nan"),
     }

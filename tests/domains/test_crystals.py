@@ -341,6 +341,23 @@ def test_a_structure_chgnet_refuses_scores_the_floor_and_is_counted(nacl_hull):
     assert scores[1] == -5.0 and info == {"invalid": 1, "exploded": 0}
 
 
+def test_evaluator_counts_by_hand_on_rocksalt_a_duplicate_an_overlap_and_an_undecodable(nacl_hull):
+    from flowcoach.domains.crystals.evaluate import evaluate_structures
+
+    overlap = Structure(Lattice.cubic(5.0), ["Na", "Cl"], [[0, 0, 0], [0.04, 0, 0]])  # 0.2 Å apart
+    swollen = rocksalt(5.64 * 1.25)  # the same crystal, cell edges x1.25
+    m = evaluate_structures([rocksalt(), rocksalt(), swollen, overlap, None], train=[swollen], heldout=[rocksalt()],
+                            sevenn=False)
+    assert m["undecodable_rate"] == 0.2 and m["struct_valid"] == 0.6 and m["valid"] == 0.6
+    assert m["unique_rate"] == pytest.approx(1 / 3)  # the copy repeats, and StructureMatcher scales volume away
+    assert m["novel_rate"] == pytest.approx(0.0)  # every valid one matches the (scaled) training crystal
+    # 4 NaCl per conventional cell: rho = 4 (22.98977 + 35.453) g/mol / N_A / a^3
+    rho = 4 * (22.98977 + 35.453) / 6.02214076e23 / (5.64e-8) ** 3
+    assert m["density_mean"] == pytest.approx((2 * rho + rho / 1.25 ** 3) / 3, rel=1e-3)
+    assert m["density_wdist"] == pytest.approx((rho - rho / 1.25 ** 3) / 3, rel=1e-3)  # one third moved
+    assert m["nelem_wdist"] == 0.0 and m["element_tv"] == pytest.approx(0.0)
+
+
 def test_volume_window_penalises_swollen_and_crushed_cells():
     from flowcoach.rewards.crystals import volume
 
