@@ -87,7 +87,8 @@ class MoleculesDomain(Domain):
         return align_to_noise(x0, eps, cond[:, 0].round().long())
 
     def base_checkpoint(self) -> Path | None:
-        path = Path(__file__).parent / "base"
+        # base-18k: the 8,000-step base/ (pretrain_defaults) pretrained 10,000 steps further (its base.json)
+        path = Path(__file__).parent / "base-18k"
         return path if (path / "model.safetensors").exists() else None
 
     # ------------------------------------------------------------------ objects
@@ -98,14 +99,19 @@ class MoleculesDomain(Domain):
         return save_molecules(objects, rewards, directory)
 
     def pretrain_defaults(self) -> dict:
-        # how domains/molecules/base was made (its base.json records the same)
+        # how domains/molecules/base was made from scratch (its base.json records the same); the
+        # default base, base-18k, continued it with --init-from domains/molecules/base --steps 10000
         return {"steps": 8000, "batch_size": 128, "lr": 1e-3, "ema_decay": 0.999, "save_every": 1000,
                 "eval_samples": 1000, "eval_num_steps": 40}
 
     def train_defaults(self) -> dict:
-        # the flags of the recorded RL run (benchmarks/molecules/README.md)
+        # the flags of the recorded RL run (benchmarks/molecules/README.md). Rollouts: 20 steps, SDE
+        # on a random 3-step window, ODE elsewhere: a 10-step SDE rollout of the base is never valid
+        # (0 of 256), so the validity-gated terms gave no group signal. Data anchoring: without it the
+        # windowed run drifted down (the untrained steps move with the shared network)
         return {"groups_per_step": 16, "group_size": 8, "optimizer_steps_per_epoch": 2, "micro_batch": 576,
-                "optim.lr": 5e-4, "eval_samples": 256}
+                "optim.lr": 5e-4, "eval_samples": 256, "sampler.num_steps": 20, "sampler.sde_window_size": 3,
+                "loss.anchor_weight": 0.1, "loss.anchor_batch": 64}
 
     def default_rewards(self) -> dict[str, float]:
         # stability and validity first (the base's weak point), QED for drug-likeness, and a

@@ -310,8 +310,12 @@ def test_shipped_base_loads_and_beats_an_untrained_model():
     assert atom_stability_of(model) > atom_stability_of(untrained) + 0.03
     assert record["eval"]["metrics"]["atom_stability"] > 0.0 and record["command"].startswith("flowcoach pretrain molecules")
     assert not record.get("partial")  # a finished pretraining, not a stopped one
-    for key, value in d.pretrain_defaults().items():  # the defaults remake this base
-        assert record["config"][key] == value, key
+    # the default base continues base/ (which the defaults remake) for 10,000 more steps, same flags
+    assert d.base_checkpoint().name == "base-18k" and record["config"]["init_from"] == "domains/molecules/base"
+    first = json.loads((d.base_checkpoint().parent / "base" / "base.json").read_text())
+    for key, value in d.pretrain_defaults().items():
+        assert first["config"][key] == value, key
+        assert record["config"][key] == (10000 if key == "steps" else value), key
 
 
 @pytest.mark.slow
