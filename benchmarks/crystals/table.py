@@ -22,7 +22,7 @@ def main() -> None:
         rec = json.loads(path.read_text())
         m = rec["metrics"]
         cells = [f"{m[c]:.3f}" if c in m else "-" for c in COLUMNS]
-        steps = rec.get("ode_steps", "-") if label != "heldout" else "-"
+        steps = rec.get("ode_steps", "-") if rec.get("checkpoint") != "data" else "-"
         print(f"| {label} (n={rec['num_samples']}) | {steps} | " + " | ".join(cells) + f" | {rec['eval_cpu_s']} |")
 
 
