@@ -34,6 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", required=True)
     parser.add_argument("--checkpoint", default="base", help="'base', a run or checkpoint folder, or 'data'")
+    parser.add_argument("--base", default=None, help="the base folder behind --checkpoint base (default: the shipped one)")
     parser.add_argument("--num-samples", type=int, default=500)
     parser.add_argument("--num-steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=12345)
@@ -54,12 +55,12 @@ def main() -> None:
         idx = torch.arange(args.num_samples) % x0.shape[0]
         metrics = domain.evaluate(domain.decode(x0[idx]), cond[idx])
     elif args.conditions == "validation":
-        model = load_trained(domain, args.checkpoint).eval()
+        model = load_trained(domain, args.checkpoint, args.base).eval()
         cond = domain.validation_conditions(args.num_samples)
         objects = domain.decode(generate(model, domain, cond, args.num_steps, seed=args.seed))
         metrics = {k: float(v) for k, v in domain.evaluate(objects, cond).items()}
     else:
-        model = load_trained(domain, args.checkpoint).eval()
+        model = load_trained(domain, args.checkpoint, args.base).eval()
         metrics, _, _ = evaluate_model(model, domain, args.num_samples, args.num_steps, seed=args.seed)
     record = {
         "label": args.label,
