@@ -82,6 +82,8 @@ def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) ->
     if state is None and (out / PRETRAIN_STATE).exists():
         raise FlowcoachError(f"'{out}' holds a stopped pretraining; pass --resume to continue it, "
                              "or give another --output")
+    if state is None and (out / "model.safetensors").exists():  # never write over a finished base (a shipped one)
+        raise FlowcoachError(f"'{out}' already holds a base; give another --output (or delete it to remake it there)")
     first, losses, cpu_before, wall_before = 0, [], 0.0, 0.0
     if state is not None:
         model.load_state_dict(state["model"])

@@ -84,6 +84,13 @@ def test_pretrain_writes_a_loadable_base(tmp_path, capsys):
     assert record["config"]["steps"] == 50 and "target_hit_rate" in record["eval"]["metrics"]
     assert main(["eval", "toy", "--base", str(tmp_path / "base"), "--num-samples", "50",
                  "--output", str(tmp_path / "ev")]) == 0
+    weights = (tmp_path / "base" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    # a finished base (a shipped one, say) is never written over: a one-line error, the base as it was
+    assert main(["pretrain", "toy", "--steps", "5", "--output", str(tmp_path / "base")]) != 0
+    err = capsys.readouterr().err
+    assert "already holds a base" in err and "Traceback" not in err
+    assert (tmp_path / "base" / "model.safetensors").read_bytes() == weights
 
 
 class StopsAfter:
