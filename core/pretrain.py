@@ -59,6 +59,13 @@ def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) ->
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise FlowcoachError("pretrain needs steps >= 1 and batch_size >= 1")
     out = Path(cfg.output) if cfg.output else Path("runs") / f"{domain.name}__pretrain__{cfg.seed}" / "base"
+    # the output folder is checked before the data and the model are built: a refusal costs nothing
+    state = _resume_state(cfg, out) if cfg.resume else None
+    if state is None and (out / PRETRAIN_STATE).exists():
+        raise FlowcoachError(f"'{out}' holds a stopped pretraining; pass --resume to continue it, "
+                             "or give another --output")
+    if state is None and (out / "model.safetensors").exists():  # never write over a finished base (a shipped one)
+        raise FlowcoachError(f"'{out}' already holds a base; give another --output (or delete it to remake it there)")
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     x0, cond = domain.data("train")
@@ -78,12 +85,6 @@ def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) ->
         ema = EMAModel(model.parameters(), decay=cfg.ema_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.steps)
     say = console.print if console is not None else print
-    state = _resume_state(cfg, out) if cfg.resume else None
-    if state is None and (out / PRETRAIN_STATE).exists():
-        raise FlowcoachError(f"'{out}' holds a stopped pretraining; pass --resume to continue it, "
-                             "or give another --output")
-    if state is None and (out / "model.safetensors").exists():  # never write over a finished base (a shipped one)
-        raise FlowcoachError(f"'{out}' already holds a base; give another --output (or delete it to remake it there)")
     first, losses, cpu_before, wall_before = 0, [], 0.0, 0.0
     if state is not None:
         model.load_state_dict(state["model"])

@@ -396,14 +396,16 @@ def write_eval_report(out: Path, metrics: dict, title: str, details: str) -> Non
 
 def evaluate_model(model, domain: Domain, num_samples: int, num_steps: int, shift: float = 1.0,
                    rewards: dict | None = None, seed: int = 12345, device="cpu",
-                   render: int = 0, reward_errors: str = "raise") -> tuple[dict, list, torch.Tensor]:
+                   render: int = 0, reward_errors: str = "raise", cond=None) -> tuple[dict, list, torch.Tensor]:
     """Held-out evaluator metrics plus the training reward on eval conditions, with ODE samples.
 
+    ``cond``: other conditions to sample for (e.g. training ones, to choose a checkpoint without
+    the held-out set); default ``domain.eval_conditions(num_samples)``.
     Interact domains: ``render`` episodes are replayed with frames for the saved video.
     """
     from flowcoach.rewards import build_reward
 
-    cond = domain.eval_conditions(num_samples)
+    cond = domain.eval_conditions(num_samples) if cond is None else cond
     reward_fn = build_reward(rewards or domain.default_rewards(), on_error=reward_errors)
     extra = {}
     if domain.kind == "interact":

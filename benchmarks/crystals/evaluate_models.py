@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from flowcoach.core.checkpoint import load_trained
-from flowcoach.core.trainer import evaluate_model, generate
+from flowcoach.core.trainer import evaluate_model
 from flowcoach.domains.crystals import CrystalsDNGDomain, CrystalsDomain
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,14 +54,10 @@ def main() -> None:
         x0, cond = domain.data("heldout")
         idx = torch.arange(args.num_samples) % x0.shape[0]
         metrics = domain.evaluate(domain.decode(x0[idx]), cond[idx])
-    elif args.conditions == "validation":
-        model = load_trained(domain, args.checkpoint, args.base).eval()
-        cond = domain.validation_conditions(args.num_samples)
-        objects = domain.decode(generate(model, domain, cond, args.num_steps, seed=args.seed))
-        metrics = {k: float(v) for k, v in domain.evaluate(objects, cond).items()}
     else:
         model = load_trained(domain, args.checkpoint, args.base).eval()
-        metrics, _, _ = evaluate_model(model, domain, args.num_samples, args.num_steps, seed=args.seed)
+        cond = domain.validation_conditions(args.num_samples) if args.conditions == "validation" else None
+        metrics, _, _ = evaluate_model(model, domain, args.num_samples, args.num_steps, seed=args.seed, cond=cond)
     record = {
         "label": args.label,
         "command": "python benchmarks/crystals/evaluate_models.py " + " ".join(
