@@ -129,6 +129,35 @@ def jsonable(value):
     return value
 
 
+def run_in_parallel(domain_name: str, algos: list[str], seeds: list[int], budget: float, args, record: dict,
+                    path: Path) -> None:
+    """Split the algorithms among args.jobs worker processes (this script, one thread each), each
+    writing its own part file seeded with the base's evaluation, then merge their runs into record
+    (also those of a worker that failed; `--resume` then finishes the rest)."""
+    import subprocess
+
+    parts = [algos[k::args.jobs] for k in range(min(args.jobs, len(algos)))]
+    workers, part_paths = [], []
+    for k, names in enumerate(parts):
+        suffix = f"{args.results_suffix}.part{k}"
+        part_paths.append(RESULTS / f"algorithms_{domain_name}{suffix}.json")
+        part_paths[-1].write_text(json.dumps(jsonable({"base": record["base"]})))
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--domains", domain_name, "--algos", *names,
+               "--seeds", *map(str, seeds), "--budget-s", str(budget), "--evals", str(args.evals),
+               "--out-dir", args.out_dir, "--results-suffix", suffix, "--resume", "--no-report"]
+        print(f"[{domain_name}] worker {k}: {' '.join(names)}", flush=True)
+        workers.append(subprocess.Popen(cmd, cwd=ROOT))
+    failed = [k for k, worker in enumerate(workers) if worker.wait() != 0]
+    for part_path in part_paths:
+        record["runs"].update(json.loads(part_path.read_text()).get("runs", {}))
+    path.write_text(json.dumps(jsonable(record), indent=1))
+    for part_path in part_paths:
+        part_path.unlink()
+    if failed:
+        print(f"[{domain_name}] worker(s) {failed} failed; their finished runs are kept: run again with "
+              "--resume to finish the rest", flush=True)
+
+
 def main(argv=None) -> int:
     from flowcoach.core.registry import ALGORITHMS, FlowcoachError
     import flowcoach.core.algorithms  # noqa: F401 - registers the recipes
@@ -144,6 +173,10 @@ def main(argv=None) -> int:
     p.add_argument("--rerun", action="store_true",
                    help="run the --algos again and keep every other run of the results file")
     p.add_argument("--results-suffix", default="", help="write algorithms_<domain><suffix>.json")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="processes side by side, one torch thread each; the algorithms are split among them "
+                        "(budgets are process CPU seconds, so runs stay equal)")
+    p.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # a --jobs worker
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     algos = args.algos or ALGORITHMS.names()
@@ -167,10 +200,19 @@ def main(argv=None) -> int:
         if "base" not in record:
             print(f"[{domain_name}] evaluating the base", flush=True)
             record["base"] = base_point(domain_name, eval_samples)
-        for algo in algos:
+
+        def done(algo: str, seed: int) -> bool:
+            run = record["runs"].get(f"{algo}/{seed}")
+            return args.resume and not args.rerun and run is not None and "error" not in run
+
+        todo = [algo for algo in algos if not all(done(algo, seed) for seed in seeds)]
+        if args.jobs > 1 and len(todo) > 1:
+            run_in_parallel(domain_name, todo, seeds, budget, args, record, path)
+            todo = []  # the workers ran them
+        for algo in todo:
             for seed in seeds:
                 key = f"{algo}/{seed}"
-                if args.resume and not args.rerun and key in record["runs"] and "error" not in record["runs"][key]:
+                if done(algo, seed):
                     continue
                 print(f"[{domain_name}] {algo} seed {seed}: {budget:g} CPU s", flush=True)
                 try:
@@ -183,6 +225,8 @@ def main(argv=None) -> int:
                     record["runs"][key] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
                     print(f"  failed: {type(e).__name__}: {e}", flush=True)
                 path.write_text(json.dumps(jsonable(record), indent=1))
+        if args.no_report:
+            continue
         from benchmarks.algorithms.report import report
 
         report(domain_name, args.results_suffix)

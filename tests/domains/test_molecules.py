@@ -187,7 +187,8 @@ def test_every_reward_scores_valid_invalid_and_empty_molecules(name):
     assert info["invalid"] == 2
     if name != "mol-duplicate":
         assert scores[1] <= scores[0] or name in ("mol-logp-window", "mol-mw-window", "mol-stability")
-        assert scores[2] == 0.0 and scores[1] == 0.0 or name in ("mol-atom-stability", "mol-connected-stability")
+        assert scores[2] == 0.0 and scores[1] == 0.0 or name in ("mol-atom-stability", "mol-connected-stability",
+                                                                  "mol-near-stability")
 
 
 def test_reward_values_on_known_molecules():
@@ -212,6 +213,10 @@ def test_splitting_a_molecule_into_saturated_pieces_raises_no_stability_reward()
     assert float(REWARDS.get("mol-stability")([whole])[0][0]) == 1.0
     # the invalid CH5: its 5 H are stable and bonded to the carbon, the carbon is not stable
     assert abs(float(REWARDS.get("mol-connected-stability")([invalid_molecule()])[0][0]) - 5 / 6) < 1e-6
+    # near stability halves per wrong atom: methane's 5 atoms are the piece, the other 5 count as wrong
+    assert float(REWARDS.get("mol-near-stability")([pieces])[0][0]) == 0.5 ** 5
+    assert float(REWARDS.get("mol-near-stability")([whole])[0][0]) == 1.0
+    assert float(REWARDS.get("mol-near-stability")([invalid_molecule()])[0][0]) == 0.5  # only the carbon
 
 
 def test_duplicate_penalty_is_per_group():
