@@ -111,8 +111,8 @@ def connected_stability(objects: list, conditions=None) -> tuple[torch.Tensor, d
 
 
 def unstable_count(m) -> int:
-    """Atoms that are unstable (EDM) or outside the largest bonded piece; all of them when empty."""
-    return int((~(m.stable_atoms & m.largest_piece)).sum()) if m.num_atoms else 0
+    """Atoms that are unstable (EDM) or outside the largest bonded piece (0 for an empty molecule)."""
+    return int((~(m.stable_atoms & m.largest_piece)).sum())
 
 
 def near_stability(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
