@@ -49,7 +49,7 @@ def main() -> None:
     record = {
         "label": args.label,
         "command": "python benchmarks/molecules/evaluate_models.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),  # a re-runnable command
         "checkpoint": args.checkpoint,
         "num_samples": args.num_samples,
         "ode_steps": args.num_steps,
