@@ -116,7 +116,8 @@ class VideoDomain(Domain):
         # 3 of the first 5 of 10 steps, where the clip's layout, i.e. the trajectory, is decided
         # (Flow-GRPO-Fast / MixGRPO); LoRA rank 16 trains at a higher rate than full weights would.
         # DiffusionNFT is the default: at 450 CPU s it passed Flow-GRPO's final held-out reward at its
-        # first evaluation (159 s) and kept subject consistency, which Flow-GRPO halves
+        # first evaluation (159 s) and kept subject consistency, which Flow-GRPO halves; on a second
+        # seed Flow-GRPO fell below the base and DiffusionNFT rose again
         # (benchmarks/algorithms, video_long_table.md); 10 of its steps are about that budget
         return {"algo": "diffusion-nft", "steps": 10, "groups_per_step": 4, "group_size": 8, "micro_batch": 96, "optim.lr": 1e-3,
                 "sampler.sde_window_size": 3, "sampler.sde_window_range": (0, 5), "sampler.eval_num_steps": 20,
