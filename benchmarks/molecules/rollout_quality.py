@@ -67,7 +67,8 @@ def main() -> None:
         print(json.dumps(row))
     out = ROOT / "benchmarks" / "results" / "rollout_quality_molecules.json"
     out.write_text(json.dumps({"command": "python benchmarks/molecules/rollout_quality.py " + " ".join(
-        f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()),
+        f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
+        if v is not None),  # a re-runnable command: --base None would not run
         "rows": rows}, indent=2))
 
 

@@ -119,6 +119,6 @@ class VideoDomain(Domain):
         # first evaluation (159 s) and kept subject consistency, which Flow-GRPO halves; on a second
         # seed Flow-GRPO fell below the base and DiffusionNFT rose again
         # (benchmarks/algorithms, video_long_table.md); 10 of its steps are about that budget
-        return {"algo": "diffusion-nft", "steps": 10, "groups_per_step": 4, "group_size": 8, "micro_batch": 96, "optim.lr": 1e-3,
-                "sampler.sde_window_size": 3, "sampler.sde_window_range": (0, 5), "sampler.eval_num_steps": 20,
-                "eval_samples": 256, "checkpoint_every": 10, "sample_every": 10}
+        return {"algo": "diffusion-nft", "steps": 10, "groups_per_step": 4, "group_size": 8, "micro_batch": 96,
+                "optim.lr": 1e-3, "sampler.sde_window_size": 3, "sampler.sde_window_range": (0, 5),
+                "sampler.eval_num_steps": 20, "eval_samples": 256, "checkpoint_every": 10, "sample_every": 10}
