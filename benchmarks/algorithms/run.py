@@ -187,8 +187,9 @@ def main(argv=None) -> int:
         path = RESULTS / f"algorithms_{domain_name}{args.results_suffix}.json"
         record = json.loads(path.read_text()) if (args.resume or args.rerun) and path.exists() else {}
         command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/algorithms/run.py " + " ".join(argv or sys.argv[1:])
-        if args.rerun and "command" in record:  # the table stays the first command's, with these runs redone
-            record.setdefault("rerun_commands", []).append(command)
+        if (args.rerun or args.resume) and record.get("command", command) != command:
+            # the record stays the first command's; a rerun redoes runs, a resume adds or finishes them
+            record.setdefault("rerun_commands" if args.rerun else "added_runs_commands", []).append(command)
             command = record["command"]
         record.update({"domain": domain_name, "budget_cpu_s": budget, "evals_per_run": args.evals,
                        "eval_samples": eval_samples,

@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -98,9 +98,15 @@ class GenConfig:
     relax_steps: int = 3
     max_formation: float = 0.2  # eV/atom above the elemental references: screened out beyond
     version: int = 1
+    # binary compositions beyond the first random_compositions, generated after them and all used for
+    # training: the held-out split is that of the set without them, so its crystals do not change
+    extra_compositions: int = 0
 
     def key(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        fields = asdict(self)
+        if not self.extra_compositions:  # the sets made before the field existed keep their key
+            del fields["extra_compositions"]
+        return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _oxidation_states(symbol: str) -> tuple[int, ...]:
@@ -161,6 +167,13 @@ def perovskite(a: str, b: str, x: str, lattice: float):
 
 def binary_compositions(rng: np.random.Generator, n: int) -> list[tuple[list[str], list[int]]]:
     """n charge-neutral binary compositions (cation, anion, counts) with <= N_MAX atoms, drawn by rng."""
+    options = binary_options()
+    pick = rng.choice(len(options), size=min(n, len(options)), replace=False)
+    return [options[i] for i in sorted(pick)]
+
+
+def binary_options() -> list[tuple[list[str], list[int]]]:
+    """Every charge-neutral binary composition (cation, anion, counts) with <= N_MAX atoms."""
     from math import gcd
 
     options = []
@@ -177,8 +190,7 @@ def binary_compositions(rng: np.random.Generator, n: int) -> list[tuple[list[str
                 for z in (1, 2, 3, 4):
                     if z * (nc + nx) <= N_MAX:
                         options.append(([c, x], [z * nc, z * nx]))
-    pick = rng.choice(len(options), size=min(n, len(options)), replace=False)
-    return [options[i] for i in sorted(pick)]
+    return options
 
 
 def random_crystal(species: list[str], counts: list[int], rng: np.random.Generator):
@@ -274,19 +286,41 @@ def generate(cfg: GenConfig, say=print) -> dict:
     per = [perovskite(*c) for c in cands]
     crystals = [crystal_from_structure(s, e, "perovskite") for s, e in zip(per, energies(per))]
     say(f"  {len(crystals)} perovskites; pyxtal random crystals for {cfg.random_compositions} compositions")
+    crystals += random_crystals(binary_compositions(rng, cfg.random_compositions), cfg, rng)
+    say(f"  {len(crystals)} crystals; elemental references")
+    elements = elemental_references({el for c in crystals for el in c.species})
+    kept = [c for c in crystals if formation_energy(c, elements) <= cfg.max_formation]
+    say(f"  kept {len(kept)} of {len(crystals)} crystals within {cfg.max_formation} eV/atom of the elements")
+    return {"config": asdict(cfg), "crystals": [asdict(c) for c in kept], "elements": elements}
+
+
+def random_crystals(compositions: list, cfg: GenConfig, rng: np.random.Generator) -> list[Crystal]:
+    """For each composition the lowest-energy of cfg.tries pyxtal crystals, relaxed cfg.relax_steps."""
     kept = []
-    for species, counts in binary_compositions(rng, cfg.random_compositions):
+    for species, counts in compositions:
         tried = [s for s in (random_crystal(species, counts, rng) for _ in range(cfg.tries)) if s is not None]
         if tried:
             es = energies(tried)
             kept.append(tried[int(np.argmin(es))])
     relaxed = relax_positions(kept, cfg.relax_steps) if cfg.relax_steps > 0 else kept
-    crystals += [crystal_from_structure(s, e, "pyxtal") for s, e in zip(relaxed, energies(relaxed))]
-    say(f"  {len(relaxed)} random crystals; elemental references")
-    elements = elemental_references({el for c in crystals for el in c.species})
+    return [crystal_from_structure(s, e, "pyxtal") for s, e in zip(relaxed, energies(relaxed))]
+
+
+def add_extra(data: dict, cfg: GenConfig, say=print) -> dict:
+    """data (the set of cfg without extras) plus, under "extra", crystals for cfg.extra_compositions
+    binary compositions that no crystal of data has (so none is a held-out one), screened alike."""
+    have = {tuple(sorted(c["species"])) for c in data["crystals"]}
+    options = [o for o in binary_options()
+               if tuple(sorted(s for s, n in zip(*o) for _ in range(n))) not in have]
+    rng = np.random.default_rng([cfg.seed, 1])  # its own stream: the first set is not regenerated
+    pick = rng.choice(len(options), size=min(cfg.extra_compositions, len(options)), replace=False)
+    say(f"crystals data: pyxtal random crystals for {len(pick)} more compositions (training only)")
+    crystals = random_crystals([options[i] for i in sorted(pick)], cfg, rng)
+    elements = dict(data["elements"])
+    elements.update(elemental_references({el for c in crystals for el in c.species} - set(elements)))
     kept = [c for c in crystals if formation_energy(c, elements) <= cfg.max_formation]
-    say(f"  kept {len(kept)} of {len(crystals)} crystals within {cfg.max_formation} eV/atom of the elements")
-    return {"config": asdict(cfg), "crystals": [asdict(c) for c in kept], "elements": elements}
+    say(f"  kept {len(kept)} of {len(crystals)} within {cfg.max_formation} eV/atom of the elements")
+    return {**data, "config": asdict(cfg), "elements": elements, "extra": [asdict(c) for c in kept]}
 
 
 def formation_energy(crystal: Crystal, elements: dict[str, float]) -> float:
@@ -310,7 +344,10 @@ def load_dataset(cfg: GenConfig = GenConfig(), say=print) -> dict:
     shipped = SHIPPED / f"data-{cfg.key()}.json.gz"
     if shipped.exists():
         return json.loads(gzip.decompress(shipped.read_bytes()))
-    data = generate(cfg, say)
+    if cfg.extra_compositions:
+        data = add_extra(load_dataset(replace(cfg, extra_compositions=0), say), cfg, say)
+    else:
+        data = generate(cfg, say)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data))
@@ -319,14 +356,15 @@ def load_dataset(cfg: GenConfig = GenConfig(), say=print) -> dict:
 
 
 def split(data: dict, name: str, heldout_fraction: float = 0.1, seed: int = 0) -> list[Crystal]:
-    """Deterministic train / heldout split of the crystals."""
+    """Deterministic train / heldout split of the crystals; the "extra" crystals, if any, are all train."""
     if name not in ("train", "heldout"):
         raise FlowcoachError(f"unknown split '{name}'; choose train or heldout")
     crystals = [Crystal(**c) for c in data["crystals"]]
     order = np.random.default_rng(seed).permutation(len(crystals))
     n_held = max(1, int(round(heldout_fraction * len(crystals))))
-    idx = order[:n_held] if name == "heldout" else order[n_held:]
-    return [crystals[i] for i in sorted(idx)]
+    if name == "heldout":
+        return [crystals[i] for i in sorted(order[:n_held])]
+    return [crystals[i] for i in sorted(order[n_held:])] + [Crystal(**c) for c in data.get("extra", [])]
 
 
 # ----------------------------------------------------------------------------------- tensors

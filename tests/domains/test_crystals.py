@@ -271,6 +271,23 @@ def test_data_is_deterministic_and_valid(domain):
     assert (cond > 0).sum(1).max() <= N_MAX
 
 
+def test_extra_compositions_only_add_training_crystals_of_new_compositions(domain):
+    from dataclasses import replace
+
+    from flowcoach.domains.crystals.data import load_dataset, split
+
+    first = load_dataset(TINY)  # the fixture's cached set: not regenerated below
+    more = load_dataset(replace(TINY, extra_compositions=3))
+    assert more["crystals"] == first["crystals"] and len(more["extra"]) >= 1
+    assert split(more, "heldout") == split(first, "heldout")
+    assert split(more, "train")[: len(split(first, "train"))] == split(first, "train")
+    assert len(split(more, "train")) == len(split(first, "train")) + len(more["extra"])
+    old = {tuple(sorted(c["species"])) for c in first["crystals"]}
+    assert all(tuple(sorted(c["species"])) not in old for c in more["extra"])
+    assert all(c["source"] == "pyxtal" and len(set(c["species"])) == 2 for c in more["extra"])
+    assert load_dataset(replace(TINY, extra_compositions=3)) == more  # read back from the cache
+
+
 def test_validation_conditions_are_training_compositions_fixed_and_never_held_out(domain):
     from flowcoach.domains.crystals import composition_key
 
