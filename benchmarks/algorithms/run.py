@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = Path(os.environ.get("FLOWCOACH_BENCH_RESULTS", ROOT / "benchmarks" / "results"))  # tests point it elsewhere
 
 # CPU seconds of RL per run, and evaluation samples, per domain (2 shared cores: a few minutes a run)
 BUDGET_S = {"toy": 10.0, "grasping": 180.0, "molecules": 180.0, "crystals": 180.0, "video": 150.0, "speech": 180.0}
