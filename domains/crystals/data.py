@@ -9,7 +9,8 @@ Two families, both deterministic from a seed:
 Every crystal carries its CHGNet energy per atom; elemental references (the best of ASE's bulk
 phase, fcc/bcc/sc cells and a dimer in a box) complete the proxy hull. The whole set is written
 as JSON under ``runs/cache/crystals`` (or $FLOWCOACH_CACHE/crystals) keyed by its parameters; the
-default set also ships gzipped in ``shipped/`` (regenerate it with ``generate(GenConfig())``).
+default set also ships gzipped in ``shipped/``: it was made before pyxtal was given its own random
+state (``random_crystal``), so ``generate(GenConfig())`` makes a set like it, not the same one.
 
 A sample x is a tensor [N_MAX + 1, FEATURES]:
 - rows 0..N_MAX-1: fractional coordinates lifted to R^3 (``torus.lift``) and the element index in
@@ -203,7 +204,9 @@ def random_crystal(species: list[str], counts: list[int], rng: np.random.Generat
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                crystal.from_random(3, group, species, counts, seed=int(rng.integers(2**31)))
+                # random_state, not seed: pyxtal 1.1 draws from its global state despite a seed, so
+                # the set made before this fix (the shipped v1 file) cannot be regenerated bit for bit
+                crystal.from_random(3, group, species, counts, random_state=np.random.default_rng(int(rng.integers(2**31))))
             if crystal.valid:
                 return crystal.to_pymatgen()
         except Exception:  # noqa: BLE001 - pyxtal raises when the composition does not fit the group

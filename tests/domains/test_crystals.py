@@ -271,13 +271,19 @@ def test_data_is_deterministic_and_valid(domain):
     assert (cond > 0).sum(1).max() <= N_MAX
 
 
+def test_generation_is_deterministic_from_its_seed(domain):
+    from flowcoach.domains.crystals.data import generate, load_dataset
+
+    assert generate(TINY, say=lambda *_: None) == load_dataset(TINY)  # made again == the fixture's cached set
+
+
 def test_extra_compositions_only_add_training_crystals_of_new_compositions(domain):
     from dataclasses import replace
 
     from flowcoach.domains.crystals.data import load_dataset, split
 
     first = load_dataset(TINY)  # the fixture's cached set: not regenerated below
-    more = load_dataset(replace(TINY, extra_compositions=3))
+    more = load_dataset(replace(TINY, extra_compositions=8))
     assert more["crystals"] == first["crystals"] and len(more["extra"]) >= 1
     assert split(more, "heldout") == split(first, "heldout")
     assert split(more, "train")[: len(split(first, "train"))] == split(first, "train")
@@ -285,7 +291,7 @@ def test_extra_compositions_only_add_training_crystals_of_new_compositions(domai
     old = {tuple(sorted(c["species"])) for c in first["crystals"]}
     assert all(tuple(sorted(c["species"])) not in old for c in more["extra"])
     assert all(c["source"] == "pyxtal" and len(set(c["species"])) == 2 for c in more["extra"])
-    assert load_dataset(replace(TINY, extra_compositions=3)) == more  # read back from the cache
+    assert load_dataset(replace(TINY, extra_compositions=8)) == more  # read back from the cache
 
 
 def test_validation_conditions_are_training_compositions_fixed_and_never_held_out(domain):
@@ -303,7 +309,8 @@ def test_validation_conditions_are_training_compositions_fixed_and_never_held_ou
 def test_coupling_keeps_each_crystal_and_pairs_it_along_the_torus_geodesic(domain):
     x0, cond = domain.data("train")
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
-    y = domain.couple(x0, eps, cond)
+    assert domain.couple(x0, eps, cond) is x0  # the default: independent pairs, as the shipped bases
+    y = CrystalsDomain(gen=TINY, copies=2, width=16, depth=1, sevenn=False, coupling="geodesic").couple(x0, eps, cond)
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
     same = StructureMatcher(ltol=1e-3, stol=1e-3, angle_tol=1e-2, primitive_cell=False, scale=False)
@@ -316,6 +323,20 @@ def test_coupling_keeps_each_crystal_and_pairs_it_along_the_torus_geodesic(domai
     for b in range(len(x0)):  # and the pairing is no longer than the lift it replaces
         n = int(real[b].sum())
         assert float(((y[b, :n, :3] - eps[b, :n, :3]) ** 2).sum()) <= float(((x0[b, :n, :3] - eps[b, :n, :3]) ** 2).sum()) + 1e-6
+
+
+def test_default_model_is_the_shipped_bases_so_pretrain_remakes_them():
+    import inspect
+
+    from flowcoach.core.registry import FlowcoachError
+
+    defaults = {k: p.default for k, p in inspect.signature(CrystalVelocity).parameters.items()}
+    for d in (CrystalsDomain(sevenn=False), CrystalsDNGDomain(sevenn=False)):
+        shipped = json.loads((d.base_checkpoint() / "model.json").read_text())["model_config"]
+        assert {k: shipped.get(k, defaults[k]) for k in d.model_config()} == d.model_config()
+        assert d.coupling == "independent"
+    with pytest.raises(FlowcoachError, match="choose independent or geodesic"):
+        CrystalsDomain(coupling="ot")
 
 
 def test_pretrain_and_evaluate_run_on_cpu(domain, tmp_path):

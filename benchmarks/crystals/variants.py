@@ -1,0 +1,41 @@
+"""The crystals bases compared in benchmarks/crystals/README.md ("More data, and the coupling"), as
+domains the CLI can name: `PYTHONPATH=benchmarks/crystals flowcoach pretrain variants:MoreData ...`.
+
+Each is CrystalsDomain with other constructor arguments; the shipped base is `CrystalsDomain()`.
+MORE is the data set with 1,053 more training-only binary compositions (463 crystals kept), shipped
+in domains/crystals/shipped so these rows are remade from the same crystals.
+"""
+
+from flowcoach.domains.crystals import CrystalsDomain
+from flowcoach.domains.crystals.data import GenConfig
+
+MORE = GenConfig(extra_compositions=1053)
+WIDE = {"width": 96, "depth": 5, "distance_rbf": 16}  # the domain's default model before 2026-12-03
+
+
+def variant(name: str, **kwargs) -> type:
+    return type(name, (CrystalsDomain,), {"__init__": lambda self, **kw: CrystalsDomain.__init__(self, **kwargs, **kw)})
+
+
+Geodesic = variant("Geodesic", coupling="geodesic")
+Distances = variant("Distances", distance_rbf=16)
+WideDistances = variant("WideDistances", **WIDE)
+MoreData = variant("MoreData", gen=MORE)
+MoreDataGeodesic = variant("MoreDataGeodesic", gen=MORE, coupling="geodesic")
+MoreDataWideGeodesic = variant("MoreDataWideGeodesic", gen=MORE, coupling="geodesic", **WIDE)
+
+
+class NearestImage(CrystalsDomain):
+    """Half of the geodesic coupling: each atom's image nearest its noise, no same-element permutation."""
+
+    def couple(self, x0, eps, cond):
+        import torch
+
+        from flowcoach.domains.crystals import torus
+
+        out = x0.clone()
+        for b in range(x0.shape[0]):
+            n = int((cond[b] > 0).sum())
+            frac = torus.wrap(x0[b, :n, :3].double().cpu().numpy())
+            out[b, :n, :3] = torch.from_numpy(torus.nearest_image(frac, eps[b, :n, :3].double().cpu().numpy())).to(x0)
+        return out
