@@ -27,7 +27,6 @@ import torch
 from flowcoach.core.checkpoint import load_trained
 from flowcoach.core.trainer import evaluate_model
 from flowcoach.domains.crystals import CrystalsDNGDomain, CrystalsDomain
-from flowcoach.domains.crystals.data import GenConfig
 
 # metrics measured against the held-out crystals (their distributions, the structure of each held-out
 # composition): a validation evaluation, on training compositions, drops them
@@ -49,15 +48,11 @@ def main() -> None:
     parser.add_argument("--conditions", choices=("heldout", "validation"), default="heldout",
                         help="heldout: the reported compositions; validation: training compositions, for "
                              "choosing a checkpoint without looking at the held-out ones")
-    parser.add_argument("--extra-compositions", type=int, default=0,
-                        help="the data set with this many more training-only binaries (GenConfig): its "
-                             "hull and training set score every model alike")
     args = parser.parse_args()
     if args.checkpoint == "data" and args.conditions == "validation":
         parser.error("--checkpoint data evaluates the held-out crystals; --conditions validation needs a model")
     torch.set_num_threads(args.threads)
-    gen = GenConfig(extra_compositions=args.extra_compositions)
-    domain = CrystalsDomain(gen=gen) if args.mode == "csp" else CrystalsDNGDomain(gen=gen)
+    domain = CrystalsDomain() if args.mode == "csp" else CrystalsDNGDomain()
     wall, cpu = time.perf_counter(), time.process_time()
     if args.checkpoint == "data":  # the held-out crystals themselves, decoded like samples
         x0, cond = domain.data("heldout")

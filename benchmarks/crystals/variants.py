@@ -1,7 +1,7 @@
 """The crystals bases compared in benchmarks/crystals/README.md ("More data, and the coupling"), as
 domains the CLI can name: `PYTHONPATH=benchmarks/crystals flowcoach pretrain variants:MoreData ...`.
 
-Each is CrystalsDomain with other constructor arguments; the shipped base is `CrystalsDomain()`.
+Each is a CrystalsDomain with other constructor arguments; the shipped base is `CrystalsDomain()`.
 MORE is the data set with 1,053 more training-only binary compositions (463 crystals kept), shipped
 in domains/crystals/shipped so these rows are remade from the same crystals.
 """
@@ -13,16 +13,13 @@ MORE = GenConfig(extra_compositions=1053)
 WIDE = {"width": 96, "depth": 5, "distance_rbf": 16}  # the domain's default model before 2026-12-03
 
 
-def variant(name: str, **kwargs) -> type:
-    return type(name, (CrystalsDomain,), {"__init__": lambda self, **kw: CrystalsDomain.__init__(self, **kwargs, **kw)})
-
-
-Geodesic = variant("Geodesic", coupling="geodesic")
-Distances = variant("Distances", distance_rbf=16)
-WideDistances = variant("WideDistances", **WIDE)
-MoreData = variant("MoreData", gen=MORE)
-MoreDataGeodesic = variant("MoreDataGeodesic", gen=MORE, coupling="geodesic")
-MoreDataWideGeodesic = variant("MoreDataWideGeodesic", gen=MORE, coupling="geodesic", **WIDE)
+# the CLI takes a Domain instance as well as a class
+Geodesic = CrystalsDomain(coupling="geodesic")
+Distances = CrystalsDomain(distance_rbf=16)
+WideDistances = CrystalsDomain(**WIDE)
+MoreData = CrystalsDomain(gen=MORE)
+MoreDataGeodesic = CrystalsDomain(gen=MORE, coupling="geodesic")
+MoreDataWideGeodesic = CrystalsDomain(gen=MORE, coupling="geodesic", **WIDE)
 
 
 class NearestImage(CrystalsDomain):

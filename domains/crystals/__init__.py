@@ -42,8 +42,8 @@ class CrystalsDomain(Domain):
         ``relax_samples``: relax this many valid samples with CHGNet in ``evaluate`` (slow: ~4 s each);
         ``coupling``: how pretraining (and data anchoring) pairs a crystal with its noise, "independent"
         or "geodesic" (``couple``). The defaults are those the shipped bases were made with: the
-        geodesic coupling and the 96-wide distance-aware model lower held-out validity (89 -> 68-76 %,
-        benchmarks/crystals/README.md, "More data, and the coupling")."""
+        geodesic coupling lowers held-out validity (89 -> 68-76 %) and the 96-wide distance-aware
+        model does too (86 %; benchmarks/crystals/README.md, "More data, and the coupling")."""
         if coupling not in ("independent", "geodesic"):
             raise FlowcoachError(f"unknown crystals coupling '{coupling}'; choose independent or geodesic")
         self.gen = gen or GenConfig()
