@@ -117,9 +117,12 @@ class MoleculesDomain(Domain):
         # stability and validity first (the base's weak point), QED for drug-likeness, and a
         # within-group duplicate penalty so the group does not collapse onto one molecule. The dense
         # term is stability within the largest piece: with EDM's atom stability as the dense term,
-        # RL split molecules into small saturated pieces (benchmarks/molecules)
-        return {"mol-valid": 1.0, "mol-connected-stability": 2.0, "mol-stability": 1.0, "mol-qed": 1.0,
-                "mol-duplicate": 0.5}
+        # RL split molecules into small saturated pieces. Near-stability (halved per wrong atom) pays
+        # for samples a few atoms from stable, which a group holds far more often than a stable one:
+        # with it held-out validity rose 32 -> 50 % over three seeds, though molecule stability did
+        # not move (benchmarks/molecules, "The near-stability term")
+        return {"mol-valid": 1.0, "mol-connected-stability": 2.0, "mol-near-stability": 2.0, "mol-stability": 1.0,
+                "mol-qed": 1.0, "mol-duplicate": 0.5}
 
     # ------------------------------------------------------------------ evaluation
     def train_smiles(self) -> frozenset[str]:
