@@ -72,11 +72,22 @@ def deterministic_step(velocity: VelocityFn, x, v, t, t_next, cond, solver: str,
     if solver == "euler":
         return x_euler
     if solver == "heun":
+        # the step that ends at t = 0 stays Euler (Karras et al. 2022, Alg. 1; k-diffusion's
+        # sample_heun): off the data the velocity is singular there (eps = (x - x0) / t)
+        last = heun_skips(t_next, x.shape[0])
+        if last.all():
+            return x_euler
         v_next = velocity(x_euler, t_next, cond).float()
-        return ode_step(x, 0.5 * (v + v_next), t, t_next)
+        heun = ode_step(x, 0.5 * (v + v_next), t, t_next)
+        return torch.where(last.reshape(-1, *([1] * (x.dim() - 1))), x_euler, heun)
     if solver == "dpm2":
         return dpm2_step(x, v, t, t_next, prev)
     raise FlowcoachError(f"unknown ODE solver '{solver}'; choose one of: {', '.join(ODE_SOLVERS)}")
+
+
+def heun_skips(t_next, batch: int) -> torch.Tensor:
+    """[B] bool: the rows whose Heun step ends at t = 0 and so takes no second evaluation."""
+    return torch.as_tensor(t_next).reshape(-1).expand(batch) <= 0
 
 
 ODE_SOLVERS = ("euler", "heun", "dpm2")
@@ -228,7 +239,7 @@ def sample(
         def ode_next():
             nonlocal nfe
             out = deterministic_step(evaluate, x, v, t, t_next, cond, solvers[j], prev)
-            if solvers[j] == "heun":
+            if solvers[j] == "heun" and not heun_skips(t_next, batch).all():
                 nfe += evaluated
             return out
 

@@ -144,6 +144,27 @@ def test_heun_is_second_order_and_euler_first():
     assert h10 / h20 > 3.0 and h10 < e10 / 5  # and quarters Heun's
 
 
+def test_heuns_last_step_to_zero_is_euler():
+    # v = x / t flows x_1 to x_t = t x_1: singular at t = 0, where Euler's last step lands exactly
+    # on 0. Heun must not evaluate it there (Karras et al. 2022, Alg. 1): every other step is
+    # Heun's (2 evaluations), the last one Euler's.
+    calls = []
+
+    def velocity(x, t, cond):
+        t = torch.as_tensor(t).reshape(-1, 1)
+        calls.append(float(t.min()))
+        return x / t
+
+    x1 = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    r = sample(velocity, x1, time_grid(5), law="ode", noise_level=0.0, ode_solver="heun")
+    assert torch.isfinite(r.samples).all() and r.samples.abs().max() < 1e-6
+    assert min(calls) > 0 and len(calls) == 2 * 5 - 1 and r.nfe == 4 * (2 * 5 - 1)
+    # on a grid that ends above 0 every step is Heun's, and exact for this linear flow
+    grid = torch.tensor([1.0, 0.6, 0.3, 0.1])
+    r = sample(velocity, x1, grid, law="ode", noise_level=0.0, ode_solver="heun")
+    torch.testing.assert_close(r.samples, 0.1 * x1, rtol=0, atol=1e-5)
+
+
 def test_rollout_round_trips_through_a_file(tmp_path):
     from flowcoach.core.sampling.rollout import Rollout
 
