@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -47,9 +48,16 @@ class PretrainConfig:
     init_from: str | None = None
     """Start from this base folder's weights (a fresh optimizer and learning-rate schedule): to
     pretrain a finished base further."""
+    time_sampling: Literal["uniform", "logit-normal"] = "uniform"
+    """How the flow time t of each sample is drawn: uniform, or logit-normal (SD3's scheme,
+    diffusers' compute_density_for_timestep_sampling) with --logit-mean and --logit-std. t = 0 is
+    the data, so a negative mean trains more on the last, fine steps of sampling."""
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
 
 # the flags a resumed pretraining must share with the stopped one (the rest do not change the run)
-RESUME_FIELDS = ("domain", "steps", "batch_size", "lr", "seed", "ema_decay", "init_from")
+RESUME_FIELDS = ("domain", "steps", "batch_size", "lr", "seed", "ema_decay", "init_from", "time_sampling",
+                 "logit_mean", "logit_std")
 
 
 def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) -> Path:
@@ -58,6 +66,8 @@ def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) ->
     domain = domain or get_domain(cfg.domain)
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise FlowcoachError("pretrain needs steps >= 1 and batch_size >= 1")
+    if cfg.logit_std <= 0:
+        raise FlowcoachError(f"--logit-std must be > 0, got {cfg.logit_std}")
     out = Path(cfg.output) if cfg.output else Path("runs") / f"{domain.name}__pretrain__{cfg.seed}" / "base"
     # the output folder is checked before the data and the model are built: a refusal costs nothing
     state = _resume_state(cfg, out) if cfg.resume else None
@@ -102,7 +112,8 @@ def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) ->
     start, cpu_start = time.perf_counter(), time.process_time()
     for step in range(first, cfg.steps):
         idx = domain.pretrain_batch(x0.shape[0], cfg.batch_size, g)
-        loss = flow_matching_loss(model, x0[idx], index_cond(cond, idx), generator=g, couple=domain.couple)
+        loss = flow_matching_loss(model, x0[idx], index_cond(cond, idx), generator=g, couple=domain.couple,
+                                  t=flow_times(cfg, len(idx), g))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -145,6 +156,15 @@ def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) ->
     return out
 
 
+def flow_times(cfg: PretrainConfig, batch: int, generator: torch.Generator) -> torch.Tensor | None:
+    """[batch] flow times for one pretraining batch; None: uniform, drawn inside the loss."""
+    if cfg.time_sampling == "uniform":
+        return None
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    return compute_density_for_timestep_sampling("logit_normal", batch, cfg.logit_mean, cfg.logit_std, generator=generator)
+
+
 def _resume_state(cfg: PretrainConfig, out: Path) -> dict:
     """The state a stopped pretraining saved in its partial base, checked against the flags."""
     path = out / PRETRAIN_STATE
@@ -153,8 +173,9 @@ def _resume_state(cfg: PretrainConfig, out: Path) -> dict:
                              "--save-every steps; run without --resume to start one")
     state = torch.load(path, map_location="cpu", weights_only=False)
     saved = state["config"]
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)} (now {getattr(cfg, k)})"
-               for k in RESUME_FIELDS if saved.get(k) != getattr(cfg, k)]
+    before = {k: saved.get(k, getattr(PretrainConfig(), k)) for k in RESUME_FIELDS}  # fields added later: their default
+    changed = [f"--{k.replace('_', '-')} {before[k]} (now {getattr(cfg, k)})"
+               for k in RESUME_FIELDS if before[k] != getattr(cfg, k)]
     if changed:
         raise FlowcoachError(f"the pretraining in '{out}' was started with " + ", ".join(changed) +
                              "; resume it with the same flags, or pretrain further with --init-from")

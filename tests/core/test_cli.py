@@ -1,6 +1,7 @@
 """The console script: a smoke run of every command and one-line errors for bad input."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -129,11 +130,40 @@ def test_a_stopped_pretraining_resumes_to_the_weights_of_an_unstopped_one(tmp_pa
         pretrain(PretrainConfig(**flags, output=out), ToyDomain())
     with pytest.raises(FlowcoachError, match="--lr"):
         pretrain(PretrainConfig(**{**flags, "lr": 1e-4}, output=out, resume=True), ToyDomain())
+    state_path = tmp_path / "stopped" / "pretrain_state.pt"
+    state = torch.load(state_path, weights_only=False)
+    for key in ("time_sampling", "logit_mean", "logit_std"):  # a state saved before these flags existed
+        del state["config"][key]
+    torch.save(state, state_path)
     resumed = pretrain(PretrainConfig(**flags, output=out, resume=True), ToyDomain())
     a, b = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same EMA weights, bit for bit
     with pytest.raises(FlowcoachError, match="nothing to resume"):
         pretrain(PretrainConfig(**flags, output=str(tmp_path / "none"), resume=True), ToyDomain())
+
+
+def test_logit_normal_flow_times_reach_the_pretraining_loss(tmp_path, monkeypatch):
+    import flowcoach.core.pretrain as pretraining
+    from flowcoach.core.registry import FlowcoachError
+    from flowcoach.domains.toy import ToyDomain
+
+    # t = sigmoid(u), u ~ N(-2, 0.5): median sigmoid(-2), and P(t < sigmoid(-1.5)) = Phi(1)
+    cfg = pretraining.PretrainConfig(time_sampling="logit-normal", logit_mean=-2.0, logit_std=0.5)
+    t = pretraining.flow_times(cfg, 40_000, torch.Generator().manual_seed(0))
+    assert abs(t.median().item() - 1 / (1 + math.exp(2.0))) < 0.003
+    assert abs((t < 1 / (1 + math.exp(1.5))).float().mean().item() - 0.8413) < 0.006
+    assert pretraining.flow_times(pretraining.PretrainConfig(), 8, torch.Generator()) is None  # uniform: the loss draws
+    seen = []
+    loss = pretraining.flow_matching_loss
+    monkeypatch.setattr(pretraining, "flow_matching_loss", lambda *a, t=None, **k: seen.append(t) or loss(*a, t=t, **k))
+    pretraining.pretrain(pretraining.PretrainConfig(domain="toy", steps=5, batch_size=512, eval_samples=20,
+                                                    time_sampling="logit-normal", logit_mean=-2.0, logit_std=0.5,
+                                                    output=str(tmp_path / "b")), ToyDomain())
+    logits = torch.logit(torch.cat(seen))
+    assert len(seen) == 5 and abs(logits.mean().item() + 2.0) < 0.05 and abs(logits.std().item() - 0.5) < 0.04
+    with pytest.raises(FlowcoachError, match="--logit-std"):
+        pretraining.pretrain(pretraining.PretrainConfig(domain="toy", time_sampling="logit-normal", logit_std=0.0,
+                                                        output=str(tmp_path / "c")), ToyDomain())
 
 
 def test_init_from_continues_a_finished_base(tmp_path):
