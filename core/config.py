@@ -115,6 +115,12 @@ class LossConfig:
     """Data anchoring: weight of a flow-matching loss on the domain's training data added to every optimizer step."""
     anchor_batch: int = 64
     """Data samples per optimizer step for the anchoring loss (all processes together)."""
+    anchor_time_sampling: Literal["uniform", "logit-normal"] = "uniform"
+    """How the anchoring loss draws its flow times; give the base's own pretraining scheme (its
+    base.json config: time_sampling, logit_mean, logit_std), or anchoring pulls the model toward
+    another weighting of the times than the one it was trained on."""
+    anchor_logit_mean: float = 0.0
+    anchor_logit_std: float = 1.0
     nft_beta: float = 1.0
     """DiffusionNFT's beta: v+ = (1 - beta) v_old + beta v, v- = (1 + beta) v_old - beta v."""
     nft_old_rate: float = 0.001

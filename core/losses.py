@@ -61,6 +61,21 @@ def kl_to_reference(
     return kl if with_dt else kl * dt.abs().float()
 
 
+def flow_times(n: int, generator: torch.Generator | None = None, scheme: str = "uniform",
+               logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
+    """[n] flow times (t = 0 is the data, 1 the noise): uniform, or logit-normal, t = sigmoid(u) with
+    u ~ N(logit_mean, logit_std) (SD3's scheme, diffusers' compute_density_for_timestep_sampling)."""
+    if scheme == "uniform":
+        return torch.rand(n, generator=generator)
+    if scheme != "logit-normal":
+        raise FlowcoachError(f"unknown flow-time sampling '{scheme}'; choose uniform or logit-normal")
+    if logit_std <= 0:
+        raise FlowcoachError(f"the logit-normal std must be > 0, got {logit_std}")
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    return compute_density_for_timestep_sampling("logit_normal", n, logit_mean, logit_std, generator=generator)
+
+
 def flow_matching_loss(velocity, x0: torch.Tensor, cond, generator: torch.Generator | None = None,
                        t: torch.Tensor | None = None, couple=None) -> torch.Tensor:
     """Conditional flow matching: x_t = (1 - t) x0 + t eps, target eps - x0, mean squared error.

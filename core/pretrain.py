@@ -15,7 +15,7 @@ import torch
 
 from flowcoach.core.checkpoint import PRETRAIN_STATE, load_base, save_base
 from flowcoach.core.domain import Domain, get_domain
-from flowcoach.core.losses import flow_matching_loss
+from flowcoach.core.losses import flow_matching_loss, flow_times
 from flowcoach.core.registry import FlowcoachError
 from flowcoach.core.sampling.rollout import index_cond
 
@@ -113,7 +113,8 @@ def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) ->
     for step in range(first, cfg.steps):
         idx = domain.pretrain_batch(x0.shape[0], cfg.batch_size, g)
         loss = flow_matching_loss(model, x0[idx], index_cond(cond, idx), generator=g, couple=domain.couple,
-                                  t=flow_times(cfg, len(idx), g))
+                                  t=None if cfg.time_sampling == "uniform" else  # uniform: drawn in the loss, as before
+                                  flow_times(len(idx), g, cfg.time_sampling, cfg.logit_mean, cfg.logit_std))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -154,15 +155,6 @@ def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) ->
     save_base(model, domain.name, model_config, record, out)
     say(f"base model written to {out}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     return out
-
-
-def flow_times(cfg: PretrainConfig, batch: int, generator: torch.Generator) -> torch.Tensor | None:
-    """[batch] flow times for one pretraining batch; None: uniform, drawn inside the loss."""
-    if cfg.time_sampling == "uniform":
-        return None
-    from diffusers.training_utils import compute_density_for_timestep_sampling
-
-    return compute_density_for_timestep_sampling("logit_normal", batch, cfg.logit_mean, cfg.logit_std, generator=generator)
 
 
 def _resume_state(cfg: PretrainConfig, out: Path) -> dict:

@@ -23,8 +23,8 @@ from flowcoach.core.checkpoint import (clean_stale, list_checkpoints, load_base,
                                        save_checkpoint)
 from flowcoach.core.config import TrainConfig, load_yaml, save_yaml
 from flowcoach.core.domain import Domain, get_domain
-from flowcoach.core.losses import (clipped_ratio_loss, fm_log_likelihood, kl_to_reference, nft_loss, nft_optimality,
-                                   ratio_norm_log_ratio, velocity_kl)
+from flowcoach.core.losses import (clipped_ratio_loss, flow_times, fm_log_likelihood, kl_to_reference, nft_loss,
+                                   nft_optimality, ratio_norm_log_ratio, velocity_kl)
 from flowcoach.core.policy import FlowPolicy, ForwardCounter, unwrap
 from flowcoach.core.registry import ADVANTAGES, ALGORITHMS, NOISE_LAWS, FlowcoachError, normalize_name
 from flowcoach.core.sampling.laws import law_mean_std
@@ -144,6 +144,8 @@ def validate(cfg: TrainConfig, domain: Domain | None = None) -> None:
             raise FlowcoachError(f"{name} must be >= {least}, got {getattr(cfg, name)}")
     if cfg.loss.anchor_weight > 0 and cfg.loss.anchor_batch < 1:
         raise FlowcoachError(f"loss.anchor_batch must be >= 1 with data anchoring, got {cfg.loss.anchor_batch}")
+    if cfg.loss.anchor_logit_std <= 0:
+        raise FlowcoachError(f"loss.anchor_logit_std must be > 0, got {cfg.loss.anchor_logit_std}")
     if domain is not None and domain.kind == "interact":
         if not structure.interact:
             raise FlowcoachError(f"the '{cfg.sampler.structure}' structure shares denoising states between the samples "
@@ -847,7 +849,7 @@ def anchor_batch(anchor, cfg: TrainConfig, step: int, k: int, world_size: int, r
     g = step_generator(cfg.seed, step, stream=50_000 + k)
     M = cfg.loss.anchor_batch
     idx = torch.randint(0, x0_all.shape[0], (M,), generator=g)
-    t = torch.rand(M, generator=g)
+    t = flow_times(M, g, cfg.loss.anchor_time_sampling, cfg.loss.anchor_logit_mean, cfg.loss.anchor_logit_std)
     eps = torch.randn((M, *x0_all.shape[1:]), generator=g)
     part = torch.arange(M).tensor_split(world_size)[rank]
     x0, cond = x0_all[idx[part]], index_cond(cond_all, idx[part])

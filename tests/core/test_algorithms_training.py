@@ -107,6 +107,16 @@ def test_tree_trains_each_edge_once_with_per_depth_advantages(tmp_path):
     assert rollout.nfe == 4 * (1 + 2 + 2 + 4 + 4 + 8 * 5)  # one path, 2 subtrees, 4, then 8 leaves to the end
 
 
+def test_data_anchoring_draws_its_times_as_the_base_was_pretrained(tmp_path):
+    x0, cond = ToyDomain().data("train")
+    uniform = anchor_batch((x0, cond), config(tmp_path, "flow-grpo", **{"loss.anchor_batch": 20_000}), 0, 0, 1, 0)[2]
+    assert abs(uniform.mean().item() - 0.5) < 0.01 and abs(uniform.var().item() - 1 / 12) < 0.003
+    cfg = config(tmp_path, "flow-grpo", **{"loss.anchor_batch": 20_000, "loss.anchor_time_sampling": "logit-normal",
+                                           "loss.anchor_logit_mean": -2.0, "loss.anchor_logit_std": 0.5})
+    logits = torch.logit(anchor_batch((x0, cond), cfg, 0, 0, 1, 0)[2])  # logit(t) ~ N(-2, 0.5)
+    assert abs(logits.mean().item() + 2.0) < 0.02 and abs(logits.std().item() - 0.5) < 0.015
+
+
 def test_data_anchoring_adds_the_flow_matching_gradient_on_real_data(tmp_path):
     from accelerate import Accelerator
 

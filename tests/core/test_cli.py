@@ -148,11 +148,9 @@ def test_logit_normal_flow_times_reach_the_pretraining_loss(tmp_path, monkeypatc
     from flowcoach.domains.toy import ToyDomain
 
     # t = sigmoid(u), u ~ N(-2, 0.5): median sigmoid(-2), and P(t < sigmoid(-1.5)) = Phi(1)
-    cfg = pretraining.PretrainConfig(time_sampling="logit-normal", logit_mean=-2.0, logit_std=0.5)
-    t = pretraining.flow_times(cfg, 40_000, torch.Generator().manual_seed(0))
+    t = pretraining.flow_times(40_000, torch.Generator().manual_seed(0), "logit-normal", -2.0, 0.5)
     assert abs(t.median().item() - 1 / (1 + math.exp(2.0))) < 0.003
     assert abs((t < 1 / (1 + math.exp(1.5))).float().mean().item() - 0.8413) < 0.006
-    assert pretraining.flow_times(pretraining.PretrainConfig(), 8, torch.Generator()) is None  # uniform: the loss draws
     seen = []
     loss = pretraining.flow_matching_loss
     monkeypatch.setattr(pretraining, "flow_matching_loss", lambda *a, t=None, **k: seen.append(t) or loss(*a, t=t, **k))

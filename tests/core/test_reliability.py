@@ -355,6 +355,7 @@ def test_steps_behind_the_checkpoint(run_copy, capsys):
     (["--eval-samples", "0"], "eval_samples must be >= 1, got 0"),
     (["--sample-every", "-1"], "sample_every must be >= 0, got -1"),
     (["--loss.anchor-weight", "1", "--loss.anchor-batch", "0"], "loss.anchor_batch must be >= 1"),
+    (["--loss.anchor-time-sampling", "logit-normal", "--loss.anchor-logit-std", "0"], "loss.anchor_logit_std must be > 0"),
     (["--sampler.num-steps", "0"], "sampler.num_steps and sampler.eval_num_steps must be >= 1"),
     (["--loss.advantage", "tree"], "tree advantages need the tree rollout structure"),
 ])
