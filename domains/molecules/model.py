@@ -28,7 +28,7 @@ from torch import nn
 from flowcoach.core.nets.common import TimeCondEmbedding
 from flowcoach.domains.molecules.data import ABSENT, FEATURES, N_MAX, TYPE_SCALE
 
-T_MIN = 1e-4  # the closed-form terms divide by t; Heun evaluates at t = 0
+T_MIN = 1e-4  # the closed-form terms divide by t, and a caller may evaluate at t = 0
 
 
 def sentinel(like: torch.Tensor) -> torch.Tensor:
