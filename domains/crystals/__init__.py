@@ -26,6 +26,9 @@ from flowcoach.domains.crystals.evaluate import evaluate_structures
 from flowcoach.domains.crystals.model import CrystalVelocity
 
 
+COUPLINGS = ("independent", "nearest", "geodesic")
+
+
 def composition_key(row) -> tuple[int, ...]:
     return tuple(sorted(int(i) for i in row if int(i) > 0))
 
@@ -36,7 +39,8 @@ class CrystalsDomain(Domain):
     generate_types = False
 
     def __init__(self, gen: GenConfig | None = None, copies: int = 4, width: int = 64, depth: int = 4,
-                 sevenn: bool = True, distance_rbf: int = 0, relax_samples: int = 0, coupling: str = "independent"):
+                 sevenn: bool = True, distance_rbf: int = 0, relax_samples: int = 0, coupling: str = "independent",
+                 predict: str = "velocity"):
         """``gen``: the data set to generate (default: the shipped base's); ``copies``: lifts per
         training crystal; ``width``/``depth``/``distance_rbf``: the model; ``sevenn``: run the SevenNet cross-check;
         ``relax_samples``: relax this many valid samples with CHGNet in ``evaluate`` (slow: ~4 s each);
@@ -44,11 +48,14 @@ class CrystalsDomain(Domain):
         or "geodesic" (``couple``). The defaults are those the shipped bases were made with: the
         geodesic coupling lowers held-out validity (89 -> 68-76 %) and the 96-wide distance-aware
         model does too (86 %; benchmarks/crystals/README.md, "More data, and the coupling")."""
-        if coupling not in ("independent", "geodesic"):
-            raise FlowcoachError(f"unknown crystals coupling '{coupling}'; choose independent or geodesic")
+        if coupling not in COUPLINGS:
+            raise FlowcoachError(f"unknown crystals coupling '{coupling}'; choose one of {', '.join(COUPLINGS)}")
+        if predict not in ("velocity", "x0"):
+            raise FlowcoachError(f"unknown crystals model output '{predict}'; choose velocity or x0")
         self.gen = gen or GenConfig()
         self.copies, self.width, self.depth, self.sevenn = copies, width, depth, sevenn
         self.distance_rbf, self.relax_samples, self.coupling = distance_rbf, relax_samples, coupling
+        self.predict = predict
         self._cache: dict = {}
 
     # ------------------------------------------------------------------ data and conditions
@@ -91,8 +98,11 @@ class CrystalsDomain(Domain):
 
     # ------------------------------------------------------------------ model
     def model_config(self) -> dict:
-        return {"width": self.width, "depth": self.depth, "harmonics": 4, "generate_types": self.generate_types,
-                "distance_rbf": self.distance_rbf}
+        config = {"width": self.width, "depth": self.depth, "harmonics": 4, "generate_types": self.generate_types,
+                  "distance_rbf": self.distance_rbf}
+        if self.predict != "velocity":  # model.json of the velocity bases stays as it was
+            config["predict"] = self.predict
+        return config
 
     def build_model(self, **config) -> CrystalVelocity:
         return CrystalVelocity(**config)
@@ -100,6 +110,12 @@ class CrystalsDomain(Domain):
     def couple(self, x0: torch.Tensor, eps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         if self.coupling == "independent":
             return x0
+        if self.coupling == "nearest":  # each atom's image nearest its noise: the torus geodesic per atom
+            real = (torch.as_tensor(cond) > 0).to(x0.device)[..., None]
+            out = x0.clone()
+            out[:, :N_MAX, :3] = torch.where(real, torus.nearest_image(torus.wrap(x0[:, :N_MAX, :3]), eps[:, :N_MAX, :3]),
+                                             x0[:, :N_MAX, :3])
+            return out
         # a crystal is the same for any periodic image of an atom and any order of same-element atoms:
         # pair each with its noise along the torus geodesic (DiffCSP/FlowMM's path)
         out = x0.clone()

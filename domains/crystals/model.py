@@ -26,6 +26,7 @@ from flowcoach.domains.crystals import torus
 from flowcoach.domains.crystals.data import ANGLE_SCALE, BITS, FEATURES, LN_LEN_MEAN, LN_LEN_STD, N_MAX, VOCAB
 
 T_MIN = 1e-4  # the closed-form velocity divides by t; Heun evaluates at t = 0
+X0_BLEND_T = 0.1  # predict="x0": below about this t the output blends into a plain velocity
 
 
 def bit_table(device=None) -> torch.Tensor:
@@ -90,9 +91,19 @@ class Layer(nn.Module):
 
 class CrystalVelocity(nn.Module):
     def __init__(self, width: int = 64, depth: int = 4, harmonics: int = 4, generate_types: bool = False,
-                 n_max: int = N_MAX, distance_rbf: int = 0, cutoff: float = 6.0):
+                 n_max: int = N_MAX, distance_rbf: int = 0, cutoff: float = 6.0, predict: str = "velocity"):
         super().__init__()
+        if predict not in ("velocity", "x0"):
+            raise ValueError(f"predict must be 'velocity' or 'x0', got {predict!r}")
         self.n_max, self.harmonics, self.generate_types = n_max, harmonics, generate_types
+        # predict="x0": the network gives the clean crystal (each atom's fractional position as a point
+        # on the circle per axis, the lattice channels) and the velocity follows in closed form, as the
+        # torus geodesic's: v = periodic_displacement(x0_hat, x_t) / t. A site the data always put an
+        # element on is then a constant output; a velocity network has to draw that displacement / t,
+        # a sawtooth in x_t that grows as 1 / t, and the shipped one never learned it (see benchmarks/
+        # crystals/README.md, "Where the atoms go"). Made for the nearest-image coupling, whose
+        # conditional velocity is exactly that displacement.
+        self.predict = predict
         # distance_rbf > 0: edges also see the Cartesian length (Å) of the shortest periodic
         # displacement under the (noisy) lattice, in a Gaussian basis: close contacts are then visible
         # as such whatever the cell's shape (fractional displacements alone do not say how close)
@@ -101,13 +112,13 @@ class CrystalVelocity(nn.Module):
             self.register_buffer("centres", torch.linspace(0.0, cutoff, distance_rbf), persistent=False)
         self.embed = TimeCondEmbedding(width, cond_dim=6)  # t and the (noisy) lattice channels
         self.types = nn.Embedding(len(VOCAB) + 1, width)
-        node_in = 6 * harmonics + 3 + (BITS if generate_types else 0)
+        node_in = 6 * harmonics + (3 if predict == "velocity" else 0) + (BITS if generate_types else 0)
         self.node = nn.Linear(node_in, width)
         edge_dim = 6 * harmonics + distance_rbf
         self.layers = nn.ModuleList(Layer(width, edge_dim) for _ in range(depth))
-        self.coord_out = nn.Linear(width, 3)
+        self.coord_out = nn.Linear(width, 9 if predict == "x0" else 3)
         self.type_out = nn.Linear(width, BITS)
-        self.lattice_out = nn.Sequential(nn.Linear(2 * width, width), nn.SiLU(), nn.Linear(width, 6))
+        self.lattice_out = nn.Sequential(nn.Linear(2 * width, width), nn.SiLU(), nn.Linear(width, 12 if predict == "x0" else 6))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         B, N = x_t.shape[0], self.n_max
@@ -122,7 +133,11 @@ class CrystalVelocity(nn.Module):
         emb = self.embed(t, lattice)
         # CSP: the element is known; de novo: only that an atom is there, its bits are read from x
         ids = cond if not self.generate_types else real.long()
-        feats = [torus.fourier_features(frac, self.harmonics), torch.tanh(chart / 2)]
+        # the velocity network also sees the chart (the lifted image it heads to); an x0 network sees
+        # only the torus, since its answer does not depend on the image
+        feats = [torus.fourier_features(frac, self.harmonics)]
+        if self.predict == "velocity":
+            feats.append(torch.tanh(chart / 2))
         if self.generate_types:
             feats.append(x_t[:, :N, 3:])
         h = self.types(ids) + self.node(torch.cat(feats, dim=-1))
@@ -139,8 +154,20 @@ class CrystalVelocity(nn.Module):
         m = real[..., None].float()
         pooled = torch.cat([(h * m).sum(1) / m.sum(1).clamp_min(1.0), emb], dim=-1)
         v = torch.zeros_like(x_t)
-        v[:, :N, :3] = self.coord_out(h)
+        tb = t.clamp_min(T_MIN)[:, None]
+        if self.predict == "x0":
+            # v = (x_t - x0_hat) / (t + s) + s / (t + s) w: the x0 form (x_t - x0_hat) / t where t >> s,
+            # where sites are chosen; near t = 0, where x0_hat = x_t to within t, a bounded velocity w
+            # (a pure x0 output would have to copy x_t exactly, and its error / t blows up the loss)
+            cos, sin, w = self.coord_out(h).view(B, N, 3, 3).unbind(2)
+            frac0 = torch.atan2(sin, cos) / (2 * torch.pi)
+            lat0, w_lat = self.lattice_out(pooled).chunk(2, dim=-1)
+            ts = (t + X0_BLEND_T)[:, None]
+            v[:, :N, :3] = (torus.periodic_displacement(frac0, frac) + X0_BLEND_T * w) / ts[..., None]
+            v[:, N, :6] = (lattice - lat0 + X0_BLEND_T * w_lat) / ts
+        else:
+            v[:, :N, :3] = self.coord_out(h)
+            v[:, N, :6] = self.lattice_out(pooled)
         v[:, :N, 3:] = self.type_out(h)
-        v[:, N, :6] = self.lattice_out(pooled)
-        exact = (x_t - target_rows(cond, N).to(x_t.dtype)) / t.clamp_min(T_MIN)[:, None, None]
+        exact = (x_t - target_rows(cond, N).to(x_t.dtype)) / tb[..., None]
         return torch.where(known_mask(cond, self.generate_types, N), exact, v)

@@ -239,6 +239,40 @@ def test_model_closed_form_rows_and_permutation_equivariance():
     assert torch.allclose(vp[0, N_MAX], v[0, N_MAX], atol=1e-5)
 
 
+def test_x0_model_heads_along_the_geodesic_to_its_predicted_crystal():
+    from flowcoach.domains.crystals.model import X0_BLEND_T
+
+    torch.manual_seed(0)
+    model = CrystalVelocity(width=16, depth=2, predict="x0")
+    cond = torch.zeros(2, N_MAX, dtype=torch.long)
+    cond[0, :5] = torch.tensor([1, 2, 42, 42, 42])
+    cond[1, :2] = torch.tensor([3, 45])
+    x = torch.randn(2, N_MAX + 1, FEATURES)
+    t = torch.tensor([0.7, 0.05])
+    v = model(x, t, cond)
+    # the torus sees no image: moving an atom by whole cells leaves every velocity as it was
+    shifted = x.clone()
+    shifted[0, 1, :3] += torch.tensor([1.0, -2.0, 3.0])
+    torch.testing.assert_close(model(shifted, t, cond), v)
+    # pin the outputs: every atom predicts site f0 (cos, sin per axis) and w, the lattice L0 and w_lat
+    f0, w = np.array([0.5, 0.0, 0.25]), np.array([0.3, -0.1, 0.2])
+    L0, w_lat = np.linspace(-1, 1, 6), np.full(6, 0.4)
+    with torch.no_grad():
+        model.coord_out.weight.zero_()
+        model.coord_out.bias.copy_(torch.tensor(np.concatenate([np.cos(2 * np.pi * f0), np.sin(2 * np.pi * f0), w])))
+        model.lattice_out[-1].weight.zero_()
+        model.lattice_out[-1].bias.copy_(torch.tensor(np.concatenate([L0, w_lat])))
+    v = model(x, t, cond).detach().double().numpy()
+    xn, s = x.double().numpy(), X0_BLEND_T
+    for b, n in ((0, 5), (1, 2)):
+        tb = float(t[b])
+        frac = xn[b, :n, :3] - np.floor(xn[b, :n, :3])
+        d = (frac - f0 + 0.5) % 1.0 - 0.5  # the shortest displacement from the predicted site
+        np.testing.assert_allclose(v[b, :n, :3], (d + s * w) / (tb + s), atol=1e-5)
+        np.testing.assert_allclose(v[b, N_MAX, :6], (xn[b, N_MAX, :6] - L0 + s * w_lat) / (tb + s), atol=1e-5)
+        assert np.abs(v[b, :n, :3] * (tb + s) - s * w).max() <= 0.5 + 1e-6  # never the long way round
+
+
 def test_dng_model_predicts_types():
     model = CrystalVelocity(width=16, depth=1, generate_types=True)
     cond = torch.zeros(1, N_MAX, dtype=torch.long)
@@ -325,6 +359,19 @@ def test_coupling_keeps_each_crystal_and_pairs_it_along_the_torus_geodesic(domai
         assert float(((y[b, :n, :3] - eps[b, :n, :3]) ** 2).sum()) <= float(((x0[b, :n, :3] - eps[b, :n, :3]) ** 2).sum()) + 1e-6
 
 
+def test_nearest_coupling_moves_each_atom_to_its_image_nearest_the_noise(domain):
+    x0, cond = domain.data("train")
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(6))
+    y = CrystalsDomain(gen=TINY, copies=2, width=16, depth=1, sevenn=False, coupling="nearest").couple(x0, eps, cond)
+    real = cond > 0
+    # the same atoms on the same rows (no permutation), each at another image of its site
+    shift = (y - x0)[:, :N_MAX, :3][real]
+    torch.testing.assert_close(shift, shift.round(), atol=1e-5, rtol=0)
+    assert float((eps - y)[:, :N_MAX, :3][real].abs().max()) <= 0.5 + 1e-6  # the shortest way to the noise
+    torch.testing.assert_close(y[:, :N_MAX][~real], x0[:, :N_MAX][~real])  # padding and lattice left alone
+    torch.testing.assert_close(y[:, N_MAX], x0[:, N_MAX])
+
+
 def test_default_model_is_the_shipped_bases_so_pretrain_remakes_them():
     import inspect
 
@@ -335,8 +382,10 @@ def test_default_model_is_the_shipped_bases_so_pretrain_remakes_them():
         shipped = json.loads((d.base_checkpoint() / "model.json").read_text())["model_config"]
         assert {k: shipped.get(k, defaults[k]) for k in d.model_config()} == d.model_config()
         assert d.coupling == "independent"
-    with pytest.raises(FlowcoachError, match="choose independent or geodesic"):
+    with pytest.raises(FlowcoachError, match="choose one of independent, nearest, geodesic"):
         CrystalsDomain(coupling="ot")
+    with pytest.raises(FlowcoachError, match="choose velocity or x0"):
+        CrystalsDomain(predict="eps")
 
 
 def test_pretrain_and_evaluate_run_on_cpu(domain, tmp_path):
