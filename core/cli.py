@@ -54,6 +54,12 @@ class EvalArgs(ModelArgs):
     output: str | None = None
     """Folder for metrics.json, report.md and samples (default: <run>/eval/<checkpoint>__n<N>__steps<S>,
     or runs/<domain>__eval/base)."""
+    sde_noise_level: float = 0.0
+    """0: the deterministic ODE sampler. > 0: the flow SDE at this noise level on the steps that start
+    at t in (sde_t_min, sde_t_max], seeded by --seed (a crystal base collides atoms on the ODE that
+    the SDE keeps apart: benchmarks/crystals/README.md, "Where the atoms go")."""
+    sde_t_max: float = 1.0
+    sde_t_min: float = 0.0
 
 
 @dataclass
@@ -175,13 +181,14 @@ def cmd_pretrain(argv: list[str]) -> None:
 def _eval_output(args, domain_name: str) -> Path:
     if args.output:
         return Path(args.output)
+    sde = f"__sde{args.sde_noise_level:g}_{args.sde_t_min:g}-{args.sde_t_max:g}" if args.sde_noise_level > 0 else ""
     if args.checkpoint != "base":  # beside the run's own final eval, never over it
         from flowcoach.core.checkpoint import list_checkpoints
 
         path = Path(args.checkpoint)
         ckpt = path if (path / "state.json").exists() else (list_checkpoints(path) or [path])[-1]
-        return ckpt.parent.parent / "eval" / f"{ckpt.name}__n{args.num_samples}__steps{args.num_steps}"
-    return Path("runs") / f"{domain_name}__eval" / "base"
+        return ckpt.parent.parent / "eval" / f"{ckpt.name}__n{args.num_samples}__steps{args.num_steps}{sde}"
+    return Path("runs") / f"{domain_name}__eval" / f"base{sde}"
 
 
 def cmd_eval(argv: list[str]) -> None:
@@ -195,10 +202,16 @@ def cmd_eval(argv: list[str]) -> None:
     args = tyro.cli(EvalArgs, default=EvalArgs(domain=domain_name or "toy"), args=rest, prog="flowcoach eval DOMAIN")
     domain = get_domain(args.domain)
     model = load_trained(domain, args.checkpoint, args.base)
-    metrics, objects, scores = evaluate_model(model, domain, args.num_samples, args.num_steps, args.shift, seed=args.seed)
+    if args.sde_noise_level < 0 or (args.sde_noise_level > 0 and not 0 <= args.sde_t_min < args.sde_t_max <= 1):
+        raise FlowcoachError("--sde-noise-level must be >= 0, and with it 0 <= --sde-t-min < --sde-t-max <= 1")
+    sde = (args.sde_noise_level, args.sde_t_max, args.sde_t_min) if args.sde_noise_level > 0 else None
+    metrics, objects, scores = evaluate_model(model, domain, args.num_samples, args.num_steps, args.shift, seed=args.seed,
+                                              sde=sde)
     out = _eval_output(args, domain.name)
+    sampler = (f"{args.num_steps} steps, flow SDE at {args.sde_noise_level} on t in ({args.sde_t_min}, {args.sde_t_max}]"
+               if sde else f"{args.num_steps} ODE steps")
     write_eval_report(out, metrics, f"{domain.name} evaluation",
-                      f"checkpoint `{args.checkpoint}`, {args.num_samples} samples, {args.num_steps} ODE steps, seed {args.seed}")
+                      f"checkpoint `{args.checkpoint}`, {args.num_samples} samples, {sampler}, seed {args.seed}")
     domain.save(objects, scores, out / "samples")
     print((out / "report.md").read_text().split("\n\n", 2)[2].rstrip())
     print(f"written to {out}")

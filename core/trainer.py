@@ -376,14 +376,28 @@ def dense_step_rewards(policy: FlowPolicy, domain: Domain, rollout: Rollout, rew
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
+def sde_steps(grid: torch.Tensor, t_min: float, t_max: float) -> torch.Tensor:
+    """[T] bool: the steps of ``grid`` [T + 1] that start at t in (t_min, t_max] (a grid's t is a
+    float sum, so both ends are read with a little slack)."""
+    start = grid[:-1]
+    return (start > t_min + 1e-6) & (start <= t_max + 1e-6)
+
+
 def generate(model, domain: Domain, cond, num_steps: int, shift: float = 1.0, seed: int = 0,
-             solver: str = "euler", device="cpu") -> torch.Tensor:
-    """Deterministic ODE samples for the given conditions (the evaluation sampler)."""
+             solver: str = "euler", device="cpu", sde_noise_level: float = 0.0, sde_t_max: float = 1.0,
+             sde_t_min: float = 0.0) -> torch.Tensor:
+    """Samples for the given conditions (the evaluation sampler): the deterministic ODE or, with
+    ``sde_noise_level`` > 0, the flow SDE at that level on the steps that start at t in
+    (sde_t_min, sde_t_max] and the ODE elsewhere. Its noise comes from the same seeded generator as
+    the initial noise, so an evaluation repeats."""
     n = cond.shape[0] if isinstance(cond, torch.Tensor) else len(next(iter(cond.values())))
     g = torch.Generator().manual_seed(seed)
     x1 = torch.randn((n, *domain.sample_shape), generator=g).to(device)
-    rollout = sample(unwrap(model), x1, time_grid(num_steps, shift), cond=cond_to(cond, device), law="ode",
-                     noise_level=0.0, ode_solver=solver)
+    grid = time_grid(num_steps, shift)
+    stochastic = sde_steps(grid, sde_t_min, sde_t_max)[None].expand(n, -1)
+    rollout = sample(unwrap(model), x1, grid, cond=cond_to(cond, device),
+                     law="flow-sde" if sde_noise_level > 0 else "ode", noise_level=sde_noise_level,
+                     stochastic=stochastic, generator=g, ode_solver=solver)
     return rollout.samples
 
 
@@ -398,11 +412,13 @@ def write_eval_report(out: Path, metrics: dict, title: str, details: str) -> Non
 
 def evaluate_model(model, domain: Domain, num_samples: int, num_steps: int, shift: float = 1.0,
                    rewards: dict | None = None, seed: int = 12345, device="cpu",
-                   render: int = 0, reward_errors: str = "raise", cond=None) -> tuple[dict, list, torch.Tensor]:
+                   render: int = 0, reward_errors: str = "raise", cond=None,
+                   sde: tuple[float, float, float] | None = None) -> tuple[dict, list, torch.Tensor]:
     """Held-out evaluator metrics plus the training reward on eval conditions, with ODE samples.
 
     ``cond``: other conditions to sample for (e.g. training ones, to choose a checkpoint without
-    the held-out set); default ``domain.eval_conditions(num_samples)``.
+    the held-out set); default ``domain.eval_conditions(num_samples)``. ``sde``: (noise level,
+    t_max, t_min) to sample with the flow SDE on the steps that start in (t_min, t_max] (``generate``).
     Interact domains: ``render`` episodes are replayed with frames for the saved video.
     """
     from flowcoach.rewards import build_reward
@@ -426,7 +442,9 @@ def evaluate_model(model, domain: Domain, num_samples: int, num_steps: int, shif
             except Exception as e:  # noqa: BLE001 - no renderer (no EGL/OSMesa) must not end a run
                 print(f"warning: rendering failed ({type(e).__name__}: {e}); no rollout video")
     else:
-        x = generate(model, domain, cond, num_steps, shift, seed, device=device)
+        noise_level, t_max, t_min = sde or (0.0, 1.0, 0.0)
+        x = generate(model, domain, cond, num_steps, shift, seed, device=device, sde_noise_level=noise_level,
+                     sde_t_max=t_max, sde_t_min=t_min)
         objects = domain.decode(x.cpu())
     metrics = {k: float(v) for k, v in domain.evaluate(objects, cond).items()}
     metrics.update(extra)

@@ -36,3 +36,7 @@ class NearestImage(CrystalsDomain):
             frac = torus.wrap(x0[b, :n, :3].double().cpu().numpy())
             out[b, :n, :3] = torch.from_numpy(torus.nearest_image(frac, eps[b, :n, :3].double().cpu().numpy())).to(x0)
         return out
+
+# 2026-12-06: the clean-crystal (x0) output on the torus geodesic (README, "Where the atoms go")
+GeodesicX0 = CrystalsDomain(coupling="geodesic", predict="x0")
+NearestX0 = CrystalsDomain(coupling="nearest", predict="x0")

@@ -47,6 +47,13 @@ def test_train_eval_sample_smoke(tmp_path):
     assert {"target_hit_rate", "on_manifold_rate", "reward_mean"} <= set(metrics)
     assert "| target_hit_rate |" in (cli_eval / "report.md").read_text() and "target_hit_rate" in ev.stdout
 
+    sde = run_cli("eval", "toy", "--checkpoint", str(run), "--num-samples", "100", "--sde-noise-level", "0.7",
+                  "--sde-t-max", "0.5", "--sde-t-min", "0.1", cwd=tmp_path)
+    assert sde.returncode == 0, sde.stderr
+    report = (run / "eval" / "checkpoint-4__n100__steps40__sde0.7_0.1-0.5" / "report.md").read_text()
+    assert "flow SDE at 0.7 on t in (0.1, 0.5]" in report  # beside the ODE evaluation, not over it
+    assert json.loads((cli_eval / "metrics.json").read_text()) == metrics
+
     sm = run_cli("sample", "toy", "--num-samples", "16", "--output", "out", cwd=tmp_path)
     assert sm.returncode == 0, sm.stderr
     assert (tmp_path / "out" / "samples.npy").exists()
@@ -70,6 +77,8 @@ def test_domains_and_check_domain(capsys):
     (["train", "toy", "--base", "no/such/folder"], "no base model at 'no/such/folder'"),
     (["train", "toy", "--resume", "latest", "--output-dir", "empty"], "no run of toy__flow-grpo__0 with a checkpoint"),
     (["eval", "toy", "--checkpoint", "no/such/run"], "checkpoint 'no/such/run' does not exist"),
+    (["eval", "toy", "--sde-noise-level", "0.5", "--sde-t-min", "0.6", "--sde-t-max", "0.4"],
+     "0 <= --sde-t-min < --sde-t-max <= 1"),
     (["frobnicate"], "unknown command 'frobnicate'; choose one of: domains, pretrain, train"),
 ])
 def test_bad_input_is_one_line_naming_the_choices(tmp_path, monkeypatch, capsys, args, expected):

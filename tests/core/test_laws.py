@@ -175,3 +175,27 @@ def test_rollout_round_trips_through_a_file(tmp_path):
     back = Rollout.load(tmp_path / "r.pt")
     assert torch.equal(back.states, r.states) and torch.equal(back.means, r.means)
     assert torch.equal(back.cond["c"], r.cond["c"]) and back.law == "cps" and back.noise_level == 0.8
+
+
+def test_evaluation_sde_window_keeps_the_data_law_and_repeats_from_its_seed():
+    """generate's SDE window (the evaluation sampler of domains whose ODE collapses samples) draws
+    from the same law as the ODE, N(M, S^2), with the exact velocity; it is the ODE outside the window."""
+    from types import SimpleNamespace
+
+    from flowcoach.core.trainer import generate, sde_steps
+
+    grid = time_grid(10)
+    assert sde_steps(grid, 0.1, 0.7).nonzero().flatten().tolist() == [3, 4, 5, 6, 7, 8]  # t = 0.7 ... 0.2
+    velocity = gaussian_velocity()
+    model = lambda x, t, cond: velocity(x, t)  # noqa: E731
+    domain = SimpleNamespace(sample_shape=(2,))
+    cond = torch.zeros(40_000)
+    ode = generate(model, domain, cond, 200, seed=3)
+    sde = generate(model, domain, cond, 200, seed=3, sde_noise_level=0.7, sde_t_max=0.7, sde_t_min=0.1)
+    for x in (ode, sde):
+        torch.testing.assert_close(x.mean(0), M, atol=0.03, rtol=0)
+        torch.testing.assert_close(x.std(0), S, atol=0.03, rtol=0)
+    assert not torch.equal(ode, sde)
+    assert torch.equal(sde, generate(model, domain, cond, 200, seed=3, sde_noise_level=0.7, sde_t_max=0.7, sde_t_min=0.1))
+    # a window that holds no step's start is the ODE, bit for bit
+    assert torch.equal(ode, generate(model, domain, cond, 200, seed=3, sde_noise_level=0.7, sde_t_max=0.001, sde_t_min=0.0))
