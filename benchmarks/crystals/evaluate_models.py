@@ -43,6 +43,11 @@ def main() -> None:
     parser.add_argument("--num-steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=12345)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sde-noise-level", type=float, default=None,
+                        help="sample with the flow SDE at this level on the steps that start at t in "
+                             "(--sde-t-min, --sde-t-max] (default: the deterministic ODE)")
+    parser.add_argument("--sde-t-max", type=float, default=None)
+    parser.add_argument("--sde-t-min", type=float, default=None)
     parser.add_argument("--mode", choices=("csp", "dng"), default="csp",
                         help="csp: structure prediction (types given); dng: de novo (types generated)")
     parser.add_argument("--conditions", choices=("heldout", "validation"), default="heldout",
@@ -61,7 +66,9 @@ def main() -> None:
     else:
         model = load_trained(domain, args.checkpoint, args.base).eval()
         cond = domain.validation_conditions(args.num_samples) if args.conditions == "validation" else None
-        metrics, _, _ = evaluate_model(model, domain, args.num_samples, args.num_steps, seed=args.seed, cond=cond)
+        sde = None if args.sde_noise_level is None else (
+            args.sde_noise_level, 1.0 if args.sde_t_max is None else args.sde_t_max, args.sde_t_min or 0.0)
+        metrics, _, _ = evaluate_model(model, domain, args.num_samples, args.num_steps, seed=args.seed, cond=cond, sde=sde)
         if args.conditions == "validation":  # these compare to the held-out crystals: meaningless here
             metrics = {k: v for k, v in metrics.items() if k not in HELDOUT_REFERENCED}
     record = {
@@ -72,6 +79,8 @@ def main() -> None:
         "conditions": args.conditions,
         "num_samples": args.num_samples,
         "ode_steps": args.num_steps,
+        "sde": None if args.sde_noise_level is None else {"noise_level": args.sde_noise_level,
+                                                          "t_max": args.sde_t_max, "t_min": args.sde_t_min},
         "seed": args.seed,
         "metrics": metrics,
         "eval_wall_s": round(time.perf_counter() - wall, 1),
