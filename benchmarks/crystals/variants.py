@@ -40,3 +40,4 @@ class NearestImage(CrystalsDomain):
 # 2026-12-06: the clean-crystal (x0) output on the torus geodesic (README, "Where the atoms go")
 GeodesicX0 = CrystalsDomain(coupling="geodesic", predict="x0")
 NearestX0 = CrystalsDomain(coupling="nearest", predict="x0")
+GeodesicX0Distances = CrystalsDomain(coupling="geodesic", predict="x0", distance_rbf=16)

@@ -217,13 +217,18 @@ def test_relaxed_metrics_take_an_off_site_cell_to_a_nearby_minimum(nacl_hull):
 
 
 # ------------------------------------------------------------------------------- model and domain
-def test_model_closed_form_rows_and_permutation_equivariance():
-    torch.manual_seed(0)
-    model = CrystalVelocity(width=16, depth=2)
+def two_compositions() -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond, x): a 5-atom and a 2-atom composition, and a random state of each."""
     cond = torch.zeros(2, N_MAX, dtype=torch.long)
     cond[0, :5] = torch.tensor([1, 2, 42, 42, 42])
     cond[1, :2] = torch.tensor([3, 45])
-    x = torch.randn(2, N_MAX + 1, FEATURES)
+    return cond, torch.randn(2, N_MAX + 1, FEATURES)
+
+
+def test_model_closed_form_rows_and_permutation_equivariance():
+    torch.manual_seed(0)
+    model = CrystalVelocity(width=16, depth=2)
+    cond, x = two_compositions()
     t = torch.tensor([0.5, 0.25])
     v = model(x, t, cond)
     assert v.shape == x.shape
@@ -244,10 +249,7 @@ def test_x0_model_heads_along_the_geodesic_to_its_predicted_crystal():
 
     torch.manual_seed(0)
     model = CrystalVelocity(width=16, depth=2, predict="x0")
-    cond = torch.zeros(2, N_MAX, dtype=torch.long)
-    cond[0, :5] = torch.tensor([1, 2, 42, 42, 42])
-    cond[1, :2] = torch.tensor([3, 45])
-    x = torch.randn(2, N_MAX + 1, FEATURES)
+    cond, x = two_compositions()
     t = torch.tensor([0.7, 0.05])
     v = model(x, t, cond)
     # the torus sees no image: moving an atom by whole cells leaves every velocity as it was
