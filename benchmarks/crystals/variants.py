@@ -41,4 +41,3 @@ class NearestImage(CrystalsDomain):
 GeodesicX0 = CrystalsDomain(coupling="geodesic", predict="x0")
 NearestX0 = CrystalsDomain(coupling="nearest", predict="x0")
 GeodesicX0Distances = CrystalsDomain(coupling="geodesic", predict="x0", distance_rbf=16)
-GeodesicX0Recycle = CrystalsDomain(coupling="geodesic", predict="x0", recycle=True)

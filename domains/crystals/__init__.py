@@ -40,7 +40,7 @@ class CrystalsDomain(Domain):
 
     def __init__(self, gen: GenConfig | None = None, copies: int = 4, width: int = 64, depth: int = 4,
                  sevenn: bool = True, distance_rbf: int = 0, relax_samples: int = 0, coupling: str = "independent",
-                 predict: str = "velocity", recycle: bool = False):
+                 predict: str = "velocity"):
         """``gen``: the data set to generate (default: the shipped base's); ``copies``: lifts per
         training crystal; ``width``/``depth``/``distance_rbf``: the model; ``sevenn``: run the SevenNet cross-check;
         ``relax_samples``: relax this many valid samples with CHGNet in ``evaluate`` (slow: ~4 s each);
@@ -55,7 +55,7 @@ class CrystalsDomain(Domain):
         self.gen = gen or GenConfig()
         self.copies, self.width, self.depth, self.sevenn = copies, width, depth, sevenn
         self.distance_rbf, self.relax_samples, self.coupling = distance_rbf, relax_samples, coupling
-        self.predict, self.recycle = predict, recycle
+        self.predict = predict
         self._cache: dict = {}
 
     # ------------------------------------------------------------------ data and conditions
@@ -102,8 +102,6 @@ class CrystalsDomain(Domain):
                   "distance_rbf": self.distance_rbf}
         if self.predict != "velocity":  # model.json of the velocity bases stays as it was
             config["predict"] = self.predict
-        if self.recycle:
-            config["recycle"] = True
         return config
 
     def build_model(self, **config) -> CrystalVelocity:

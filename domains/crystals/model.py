@@ -91,13 +91,10 @@ class Layer(nn.Module):
 
 class CrystalVelocity(nn.Module):
     def __init__(self, width: int = 64, depth: int = 4, harmonics: int = 4, generate_types: bool = False,
-                 n_max: int = N_MAX, distance_rbf: int = 0, cutoff: float = 6.0, predict: str = "velocity",
-                 recycle: bool = False):
+                 n_max: int = N_MAX, distance_rbf: int = 0, cutoff: float = 6.0, predict: str = "velocity"):
         super().__init__()
         if predict not in ("velocity", "x0"):
             raise ValueError(f"predict must be 'velocity' or 'x0', got {predict!r}")
-        if recycle and predict != "x0":
-            raise ValueError("recycle needs predict='x0' (it feeds back the predicted sites)")
         self.n_max, self.harmonics, self.generate_types = n_max, harmonics, generate_types
         # predict="x0": the network gives the clean crystal (each atom's fractional position as a point
         # on the circle per axis, the lattice channels) and the velocity follows in closed form, as the
@@ -107,10 +104,6 @@ class CrystalVelocity(nn.Module):
         # crystals/README.md, "Where the atoms go"). Made for the torus couplings (nearest image,
         # geodesic), whose conditional velocity is exactly that displacement.
         self.predict = predict
-        # recycle: a first pass's predicted sites (each atom's, and every pair's displacement between
-        # them) are fed to a second pass, the output's, as in self-conditioning (Chen et al. 2022) and
-        # AlphaFold's recycling: two atoms of one element heading for one site see it and can part
-        self.recycle = recycle
         # distance_rbf > 0: edges also see the Cartesian length (Å) of the shortest periodic
         # displacement under the (noisy) lattice, in a Gaussian basis: close contacts are then visible
         # as such whatever the cell's shape (fractional displacements alone do not say how close)
@@ -119,9 +112,9 @@ class CrystalVelocity(nn.Module):
             self.register_buffer("centres", torch.linspace(0.0, cutoff, distance_rbf), persistent=False)
         self.embed = TimeCondEmbedding(width, cond_dim=6)  # t and the (noisy) lattice channels
         self.types = nn.Embedding(len(VOCAB) + 1, width)
-        node_in = 6 * harmonics * (2 if recycle else 1) + (3 if predict == "velocity" else 0) + (BITS if generate_types else 0)
+        node_in = 6 * harmonics + (3 if predict == "velocity" else 0) + (BITS if generate_types else 0)
         self.node = nn.Linear(node_in, width)
-        edge_dim = 6 * harmonics * (2 if recycle else 1) + distance_rbf
+        edge_dim = 6 * harmonics + distance_rbf
         self.layers = nn.ModuleList(Layer(width, edge_dim) for _ in range(depth))
         self.coord_out = nn.Linear(width, 9 if predict == "x0" else 3)
         self.type_out = nn.Linear(width, BITS)
@@ -147,26 +140,19 @@ class CrystalVelocity(nn.Module):
             feats.append(torch.tanh(chart / 2))
         if self.generate_types:
             feats.append(x_t[:, :N, 3:])
+        h = self.types(ids) + self.node(torch.cat(feats, dim=-1))
         d = torus.periodic_displacement(frac[:, :, None], frac[:, None])  # [B, N, N, 3]
-        edges = [torus.fourier_features(d, self.harmonics)]
+        edge = torus.fourier_features(d, self.harmonics)
         if self.distance_rbf:
             cart = torch.einsum("bijk,bkl->bijl", d, lattice_matrix(lattice))
             dist = (cart.pow(2).sum(-1) + 1e-8).sqrt()
             width = self.cutoff / self.distance_rbf
-            edges.append(torch.exp(-(((dist[..., None] - self.centres) / width) ** 2)))
+            edge = torch.cat([edge, torch.exp(-(((dist[..., None] - self.centres) / width) ** 2))], dim=-1)
         pair_mask = (real[:, :, None] & real[:, None]).float()
-        if not self.recycle:
-            h, pooled = self._trunk(ids, feats, edges, pair_mask, emb, real)
-        else:
-            k = 6 * self.harmonics
-            with torch.no_grad():  # the first pass sees no sites (zeros) and gets no gradient
-                h, _ = self._trunk(ids, [*feats, frac.new_zeros(B, N, k)], [*edges, frac.new_zeros(B, N, N, k)],
-                                   pair_mask, emb, real)
-                cos, sin, _ = self.coord_out(h).view(B, N, 3, 3).unbind(2)
-                sites = torch.atan2(sin, cos) / (2 * torch.pi)
-            site_d = torus.periodic_displacement(sites[:, :, None], sites[:, None])
-            h, pooled = self._trunk(ids, [*feats, torus.fourier_features(sites, self.harmonics)],
-                                    [*edges, torus.fourier_features(site_d, self.harmonics)], pair_mask, emb, real)
+        for layer in self.layers:
+            h = layer(h, edge, pair_mask, emb)
+        m = real[..., None].float()
+        pooled = torch.cat([(h * m).sum(1) / m.sum(1).clamp_min(1.0), emb], dim=-1)
         v = torch.zeros_like(x_t)
         tb = t.clamp_min(T_MIN)[:, None]
         if self.predict == "x0":
@@ -185,12 +171,3 @@ class CrystalVelocity(nn.Module):
         v[:, :N, 3:] = self.type_out(h)
         exact = (x_t - target_rows(cond, N).to(x_t.dtype)) / tb[..., None]
         return torch.where(known_mask(cond, self.generate_types, N), exact, v)
-
-    def _trunk(self, ids, feats, edges, pair_mask, emb, real):
-        """Per-atom features h [B, N, W] after the message-passing layers, and the pooled crystal feature."""
-        h = self.types(ids) + self.node(torch.cat(feats, dim=-1))
-        edge = torch.cat(edges, dim=-1)
-        for layer in self.layers:
-            h = layer(h, edge, pair_mask, emb)
-        m = real[..., None].float()
-        return h, torch.cat([(h * m).sum(1) / m.sum(1).clamp_min(1.0), emb], dim=-1)

@@ -225,7 +225,7 @@ def two_compositions() -> tuple[torch.Tensor, torch.Tensor]:
     return cond, torch.randn(2, N_MAX + 1, FEATURES)
 
 
-@pytest.mark.parametrize("config", [{}, {"predict": "x0"}, {"predict": "x0", "recycle": True}])
+@pytest.mark.parametrize("config", [{}, {"predict": "x0"}])
 def test_model_closed_form_rows_and_permutation_equivariance(config):
     torch.manual_seed(0)
     model = CrystalVelocity(width=16, depth=2, **config)
@@ -245,12 +245,11 @@ def test_model_closed_form_rows_and_permutation_equivariance(config):
     assert torch.allclose(vp[0, N_MAX], v[0, N_MAX], atol=1e-5)
 
 
-@pytest.mark.parametrize("recycle", [False, True])
-def test_x0_model_heads_along_the_geodesic_to_its_predicted_crystal(recycle):
+def test_x0_model_heads_along_the_geodesic_to_its_predicted_crystal():
     from flowcoach.domains.crystals.model import X0_BLEND_T
 
     torch.manual_seed(0)
-    model = CrystalVelocity(width=16, depth=2, predict="x0", recycle=recycle)
+    model = CrystalVelocity(width=16, depth=2, predict="x0")
     cond, x = two_compositions()
     t = torch.tensor([0.7, 0.05])
     v = model(x, t, cond)
@@ -390,8 +389,6 @@ def test_default_model_is_the_shipped_bases_so_pretrain_remakes_them():
         CrystalsDomain(coupling="ot")
     with pytest.raises(FlowcoachError, match="choose velocity or x0"):
         CrystalsDomain(predict="eps")
-    with pytest.raises(ValueError, match="recycle needs predict='x0'"):
-        CrystalVelocity(recycle=True)
 
 
 def test_pretrain_and_evaluate_run_on_cpu(domain, tmp_path):
