@@ -375,7 +375,6 @@ def dense_step_rewards(policy: FlowPolicy, domain: Domain, rollout: Rollout, rew
 
 
 # ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
 def sde_steps(grid: torch.Tensor, t_min: float, t_max: float) -> torch.Tensor:
     """[T] bool: the steps of ``grid`` [T + 1] that start at t in (t_min, t_max] (a grid's t is a
     float sum, so both ends are read with a little slack)."""
@@ -383,6 +382,7 @@ def sde_steps(grid: torch.Tensor, t_min: float, t_max: float) -> torch.Tensor:
     return (start > t_min + 1e-6) & (start <= t_max + 1e-6)
 
 
+@torch.no_grad()
 def generate(model, domain: Domain, cond, num_steps: int, shift: float = 1.0, seed: int = 0,
              solver: str = "euler", device="cpu", sde_noise_level: float = 0.0, sde_t_max: float = 1.0,
              sde_t_min: float = 0.0) -> torch.Tensor:

@@ -45,9 +45,11 @@ class CrystalsDomain(Domain):
         training crystal; ``width``/``depth``/``distance_rbf``: the model; ``sevenn``: run the SevenNet cross-check;
         ``relax_samples``: relax this many valid samples with CHGNet in ``evaluate`` (slow: ~4 s each);
         ``coupling``: how pretraining (and data anchoring) pairs a crystal with its noise, "independent"
-        or "geodesic" (``couple``). The defaults are those the shipped bases were made with: the
-        geodesic coupling lowers held-out validity (89 -> 68-76 %) and the 96-wide distance-aware
-        model does too (86 %; benchmarks/crystals/README.md, "More data, and the coupling")."""
+        (the lift's image), "nearest" (each atom's image nearest its noise) or "geodesic" (also
+        same-element atoms permuted onto their noise) (``couple``); ``predict``: the model's output,
+        "velocity" or "x0" (the clean crystal, ``CrystalVelocity``). The defaults are those the shipped
+        ``base`` was made with; ``base-x0`` is ``coupling="geodesic", predict="x0"``, which learns where
+        atoms sit where the default never did (benchmarks/crystals/README.md, "Where the atoms go")."""
         if coupling not in COUPLINGS:
             raise FlowcoachError(f"unknown crystals coupling '{coupling}'; choose one of {', '.join(COUPLINGS)}")
         if predict not in ("velocity", "x0"):
