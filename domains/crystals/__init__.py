@@ -104,9 +104,13 @@ class CrystalsDomain(Domain):
                   "distance_rbf": self.distance_rbf}
         if self.predict != "velocity":  # model.json of the velocity bases stays as it was
             config["predict"] = self.predict
+        if self.coupling != "independent":  # how the base paired data with noise (build_model reads it back)
+            config["coupling"] = self.coupling
         return config
 
-    def build_model(self, **config) -> CrystalVelocity:
+    def build_model(self, coupling: str | None = None, **config) -> CrystalVelocity:
+        if coupling is not None:  # a base pretrained with another pairing: data anchoring must pair as it did
+            self.coupling = coupling
         return CrystalVelocity(**config)
 
     def couple(self, x0: torch.Tensor, eps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

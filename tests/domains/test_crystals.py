@@ -375,6 +375,16 @@ def test_nearest_coupling_moves_each_atom_to_its_image_nearest_the_noise(domain)
     torch.testing.assert_close(y[:, N_MAX], x0[:, N_MAX])
 
 
+def test_a_base_brings_its_coupling_so_anchoring_pairs_as_it_was_pretrained():
+    from flowcoach.core.checkpoint import load_base
+
+    d = CrystalsDomain(sevenn=False)
+    assert d.coupling == "independent" and "coupling" not in d.model_config()
+    load_base(d, d.base_checkpoint().parent / "base-x0")
+    assert d.coupling == "geodesic"  # what data anchoring (couple) now uses for it
+    assert CrystalsDomain(coupling="geodesic", predict="x0").model_config()["coupling"] == "geodesic"
+
+
 def test_default_model_is_the_shipped_bases_so_pretrain_remakes_them():
     import inspect
 
