@@ -200,10 +200,10 @@ def cmd_eval(argv: list[str]) -> None:
 
     domain_name, rest = _split_domain(argv)
     args = tyro.cli(EvalArgs, default=EvalArgs(domain=domain_name or "toy"), args=rest, prog="flowcoach eval DOMAIN")
-    domain = get_domain(args.domain)
-    model = load_trained(domain, args.checkpoint, args.base)
     if args.sde_noise_level < 0 or (args.sde_noise_level > 0 and not 0 <= args.sde_t_min < args.sde_t_max <= 1):
         raise FlowcoachError("--sde-noise-level must be >= 0, and with it 0 <= --sde-t-min < --sde-t-max <= 1")
+    domain = get_domain(args.domain)
+    model = load_trained(domain, args.checkpoint, args.base)
     sde = (args.sde_noise_level, args.sde_t_max, args.sde_t_min) if args.sde_noise_level > 0 else None
     metrics, objects, scores = evaluate_model(model, domain, args.num_samples, args.num_steps, args.shift, seed=args.seed,
                                               sde=sde)

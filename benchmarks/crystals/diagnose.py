@@ -13,8 +13,8 @@ samples' collisions are, and how validity moves with the ODE step count.
 - Collisions: of the samples on the held-out compositions (20 Euler steps, seed 12345, as
   evaluate_models.py), those with two atoms closer than 0.5 Å, split by whether the two are of one
   element, and counted per atom count.
-- Steps: structural validity (min periodic distance > 0.5 Å) and the median shortest distance at
-  each Euler step count of --steps.
+- Steps: structural validity (the evaluator's, ``physics.structure_ok``) and the median shortest
+  periodic distance at each Euler step count of --steps.
 
 Writes benchmarks/results/diagnose_crystals_<label>.json.
 """
@@ -32,7 +32,7 @@ import torch
 
 from flowcoach.core.checkpoint import load_trained
 from flowcoach.core.sampling.sampler import sample, time_grid
-from flowcoach.domains.crystals import COUPLINGS, CrystalsDomain, torus
+from flowcoach.domains.crystals import COUPLINGS, CrystalsDomain, physics, torus
 from flowcoach.domains.crystals.data import N_MAX
 from flowcoach.domains.crystals.decode import decode
 
@@ -58,14 +58,6 @@ def denoising_errors(model, domain, seed: int = 0) -> dict:
         out[str(t)] = {"A": rows[0], "B": rows[1], "X": float(np.mean(rows[2:])),
                        "lattice_rmse": float(((x0_hat - paired)[:, N_MAX, :6] ** 2).mean().sqrt())}
     return out
-
-
-def shortest(s) -> float:
-    if s is None:
-        return 0.0
-    if len(s) == 1:
-        return float(min(s.lattice.abc))
-    return float((s.distance_matrix + np.eye(len(s)) * 1e9).min())
 
 
 def samples(model, domain, n: int, steps: int, seed: int) -> list:
@@ -107,8 +99,9 @@ def main() -> None:
     by_steps = {}
     for steps in args.steps:
         structures = samples(model, domain, args.num_samples, steps, args.seed)
-        d = np.array([shortest(s) for s in structures])
-        by_steps[str(steps)] = {"struct_valid": float((d > 0.5).mean()), "median_shortest_distance": float(np.median(d))}
+        d = np.array([0.0 if s is None else physics.min_periodic_distance(s) for s in structures])
+        by_steps[str(steps)] = {"struct_valid": float(np.mean([physics.structure_ok(s) for s in structures])),
+                                "median_shortest_distance": float(np.median(d))}
         if steps == 20:
             collided = collisions([s for s in structures if s is not None])
     record = {

@@ -57,6 +57,8 @@ def main() -> None:
     if args.checkpoint == "data" and args.conditions == "validation":
         parser.error("--checkpoint data evaluates the held-out crystals; --conditions validation needs a model")
     torch.set_num_threads(args.threads)
+    sde = None if args.sde_noise_level is None else (
+        args.sde_noise_level, 1.0 if args.sde_t_max is None else args.sde_t_max, args.sde_t_min or 0.0)
     domain = CrystalsDomain() if args.mode == "csp" else CrystalsDNGDomain()
     wall, cpu = time.perf_counter(), time.process_time()
     if args.checkpoint == "data":  # the held-out crystals themselves, decoded like samples
@@ -66,8 +68,6 @@ def main() -> None:
     else:
         model = load_trained(domain, args.checkpoint, args.base).eval()
         cond = domain.validation_conditions(args.num_samples) if args.conditions == "validation" else None
-        sde = None if args.sde_noise_level is None else (
-            args.sde_noise_level, 1.0 if args.sde_t_max is None else args.sde_t_max, args.sde_t_min or 0.0)
         metrics, _, _ = evaluate_model(model, domain, args.num_samples, args.num_steps, seed=args.seed, cond=cond, sde=sde)
         if args.conditions == "validation":  # these compare to the held-out crystals: meaningless here
             metrics = {k: v for k, v in metrics.items() if k not in HELDOUT_REFERENCED}
@@ -79,8 +79,7 @@ def main() -> None:
         "conditions": args.conditions,
         "num_samples": args.num_samples,
         "ode_steps": args.num_steps,
-        "sde": None if args.sde_noise_level is None else {"noise_level": args.sde_noise_level,
-                                                          "t_max": args.sde_t_max, "t_min": args.sde_t_min},
+        "sde": None if sde is None else dict(zip(("noise_level", "t_max", "t_min"), sde)),  # as sampled
         "seed": args.seed,
         "metrics": metrics,
         "eval_wall_s": round(time.perf_counter() - wall, 1),
