@@ -95,6 +95,7 @@ def main() -> None:
     base = Path(args.base)
     domain = CrystalsDomain(sevenn=False, coupling=args.coupling)
     model = load_trained(domain, "base", str(base)).eval()
+    domain.coupling = args.coupling  # over the model.json's: run folders from before it named one lack it
     cpu = time.process_time()
     by_steps = {}
     for steps in args.steps:

@@ -8,18 +8,20 @@ RL_STEPS=${1:-150}
 # the rewards of this first protocol (the domain's defaults then; they now add crystal-distance, see README)
 REWARDS="crystal-valid=1 crystal-ehull=1 crystal-force=0.05 crystal-volume=1"
 FC=.venv/bin/flowcoach
+# the first kind of model (velocity on the independent lift), the domain's default until 2026-12-06
+FIRST=flowcoach.domains.crystals:CrystalsVelocityDomain
 mkdir -p runs
 
 # 1. The base, remade with the shipped domains/crystals/base's flags into runs/ (the shipped one is
 #    left as it is); the data set is generated on first use (~5 min) and cached.
 BASE=runs/benchmarks/crystals-base
-/usr/bin/time -v $FC pretrain crystals --steps 1500 --batch-size 128 --lr 1e-3 --eval-samples 500 \
+/usr/bin/time -v $FC pretrain $FIRST --steps 1500 --batch-size 128 --lr 1e-3 --eval-samples 500 \
     --eval-num-steps 20 --output $BASE 2> runs/crystals_pretrain.time
 
 # 2. Flow-GRPO (validity gate + proxy E_hull + 0.05 force penalty), SDE on a 3-step window.
 OUT=runs/benchmarks/crystals
 start=$(date +%s)
-/usr/bin/time -v $FC train crystals --base $BASE --algo flow-grpo --steps "$RL_STEPS" \
+/usr/bin/time -v $FC train $FIRST --base $BASE --algo flow-grpo --steps "$RL_STEPS" \
     --groups-per-step 16 --group-size 8 --sampler.num-steps 10 --sampler.eval-num-steps 20 \
     --sampler.noise-level 0.7 --sampler.sde-window-size 3 --sampler.logprob-reduction sum \
     --optim.lr 3e-4 --optimizer-steps-per-epoch 2 --rewards $REWARDS \

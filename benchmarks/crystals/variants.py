@@ -1,12 +1,15 @@
 """The crystals bases compared in benchmarks/crystals/README.md ("More data, and the coupling"), as
 domains the CLI can name: `PYTHONPATH=benchmarks/crystals flowcoach pretrain variants:MoreData ...`.
 
-Each is a CrystalsDomain with other constructor arguments; the shipped base is `CrystalsDomain()`.
+Each is a CrystalsDomain with other constructor arguments. The first ones are velocity models (the
+first shipped base, domains/crystals/base, is `Velocity`, the same as the domain
+`flowcoach.domains.crystals:CrystalsVelocityDomain`); the domain's default since 2026-12-06 is
+`GeodesicX0` (= `CrystalsDomain()`, the shipped base-x0).
 MORE is the data set with 1,053 more training-only binary compositions (463 crystals kept), shipped
 in domains/crystals/shipped so these rows are remade from the same crystals.
 """
 
-from flowcoach.domains.crystals import CrystalsDomain
+from flowcoach.domains.crystals import CrystalsDomain, CrystalsVelocityDomain
 from flowcoach.domains.crystals.data import GenConfig
 
 MORE = GenConfig(extra_compositions=1053)
@@ -14,16 +17,20 @@ WIDE = {"width": 96, "depth": 5, "distance_rbf": 16}  # the domain's default mod
 
 
 # the CLI takes a Domain instance as well as a class
-Geodesic = CrystalsDomain(coupling="geodesic")
-Distances = CrystalsDomain(distance_rbf=16)
-WideDistances = CrystalsDomain(**WIDE)
-MoreData = CrystalsDomain(gen=MORE)
-MoreDataGeodesic = CrystalsDomain(gen=MORE, coupling="geodesic")
-MoreDataWideGeodesic = CrystalsDomain(gen=MORE, coupling="geodesic", **WIDE)
+Velocity = CrystalsVelocityDomain()  # how domains/crystals/base was made, with its RL recipe
+Geodesic = CrystalsDomain(coupling="geodesic", predict="velocity")
+Distances = CrystalsDomain(coupling="independent", predict="velocity", distance_rbf=16)
+WideDistances = CrystalsDomain(coupling="independent", predict="velocity", **WIDE)
+MoreData = CrystalsDomain(gen=MORE, coupling="independent", predict="velocity")
+MoreDataGeodesic = CrystalsDomain(gen=MORE, coupling="geodesic", predict="velocity")
+MoreDataWideGeodesic = CrystalsDomain(gen=MORE, coupling="geodesic", predict="velocity", **WIDE)
 
 
 class NearestImage(CrystalsDomain):
-    """Half of the geodesic coupling: each atom's image nearest its noise, no same-element permutation."""
+    """Half of the geodesic coupling: each atom's image nearest its noise, no same-element permutation
+    (a velocity model; a float64 loop that CrystalsDomain(coupling="nearest") now does in torch)."""
+
+    coupling, predict = "nearest", "velocity"
 
     def couple(self, x0, eps, cond):
         import torch

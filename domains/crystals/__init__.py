@@ -6,7 +6,8 @@ crystals, cached); a sample is fractional coordinates lifted to R^3, the element
 lattice (``data``, ``torus`` explains why the core's Gaussian transitions stay exact); the model is a
 small periodic message-passing network (``model``). The condition is a composition: element indices
 [N_MAX] (0 = padding). Two modes: structure prediction (``CrystalsDomain``, atom types given) and
-de novo generation for a given atom count (``CrystalsDNGDomain``, types generated as analog bits).
+de novo generation for a given atom count (``CrystalsDNGDomain``, types generated as analog bits);
+``CrystalsVelocityDomain`` is structure prediction with the first kind of model and recipe.
 Decoding gives pymatgen ``Structure`` objects, saved as CIF; rewards are in
 ``flowcoach.rewards.crystals``; the evaluator (``evaluate``) is held out.
 """
@@ -37,19 +38,23 @@ class CrystalsDomain(Domain):
     name = "crystals"
     kind = "generate"
     generate_types = False
+    # the default model, that of the shipped base-x0: the clean crystal (predict="x0") on the torus
+    # geodesic, which learns where atoms sit where the velocity model on the independent lift (the
+    # first base, domains/crystals/base) never did (benchmarks/crystals/README.md, "Where the atoms go")
+    coupling, predict, base_folder = "geodesic", "x0", "base-x0"
 
     def __init__(self, gen: GenConfig | None = None, copies: int = 4, width: int = 64, depth: int = 4,
-                 sevenn: bool = True, distance_rbf: int = 0, relax_samples: int = 0, coupling: str = "independent",
-                 predict: str = "velocity"):
+                 sevenn: bool = True, distance_rbf: int = 0, relax_samples: int = 0, coupling: str | None = None,
+                 predict: str | None = None):
         """``gen``: the data set to generate (default: the shipped base's); ``copies``: lifts per
         training crystal; ``width``/``depth``/``distance_rbf``: the model; ``sevenn``: run the SevenNet cross-check;
         ``relax_samples``: relax this many valid samples with CHGNet in ``evaluate`` (slow: ~4 s each);
         ``coupling``: how pretraining (and data anchoring) pairs a crystal with its noise, "independent"
         (the lift's image), "nearest" (each atom's image nearest its noise) or "geodesic" (also
         same-element atoms permuted onto their noise) (``couple``); ``predict``: the model's output,
-        "velocity" or "x0" (the clean crystal, ``CrystalVelocity``). The defaults are those the shipped
-        ``base`` was made with; ``base-x0`` is ``coupling="geodesic", predict="x0"``, which learns where
-        atoms sit where the default never did (benchmarks/crystals/README.md, "Where the atoms go")."""
+        "velocity" or "x0" (the clean crystal, ``CrystalVelocity``). None: the class's (above); loading
+        a model sets both to the ones it was made with (``build_model``)."""
+        coupling, predict = coupling or self.coupling, predict or self.predict
         if coupling not in COUPLINGS:
             raise FlowcoachError(f"unknown crystals coupling '{coupling}'; choose one of {', '.join(COUPLINGS)}")
         if predict not in ("velocity", "x0"):
@@ -100,18 +105,14 @@ class CrystalsDomain(Domain):
 
     # ------------------------------------------------------------------ model
     def model_config(self) -> dict:
-        config = {"width": self.width, "depth": self.depth, "harmonics": 4, "generate_types": self.generate_types,
-                  "distance_rbf": self.distance_rbf}
-        if self.predict != "velocity":  # model.json of the velocity bases stays as it was
-            config["predict"] = self.predict
-        if self.coupling != "independent":  # how the base paired data with noise (build_model reads it back)
-            config["coupling"] = self.coupling
-        return config
+        return {"width": self.width, "depth": self.depth, "harmonics": 4, "generate_types": self.generate_types,
+                "distance_rbf": self.distance_rbf, "predict": self.predict, "coupling": self.coupling}
 
-    def build_model(self, coupling: str | None = None, **config) -> CrystalVelocity:
-        if coupling is not None:  # a base pretrained with another pairing: data anchoring must pair as it did
-            self.coupling = coupling
-        return CrystalVelocity(**config)
+    def build_model(self, coupling: str = "independent", predict: str = "velocity", **config) -> CrystalVelocity:
+        # a model.json names how its model pairs data with noise, which data anchoring must repeat (the
+        # first bases' files, from before there was a choice, name neither: the independent lift, velocity)
+        self.coupling, self.predict = coupling, predict
+        return CrystalVelocity(predict=predict, **config)
 
     def couple(self, x0: torch.Tensor, eps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         if self.coupling == "independent":
@@ -134,20 +135,23 @@ class CrystalsDomain(Domain):
         return out
 
     def base_checkpoint(self) -> Path | None:
-        path = Path(__file__).parent / ("base" if not self.generate_types else "base-dng")
+        path = Path(__file__).parent / self.base_folder
         return path if (path / "model.safetensors").exists() else None
 
     def pretrain_defaults(self) -> dict:
-        # how domains/crystals/base was made (its base.json records the same)
-        return {"steps": 1500, "batch_size": 128, "lr": 1e-3, "eval_samples": 500, "eval_num_steps": 20}
+        # how domains/crystals/base-x0 was made (its base.json records the same)
+        return {"steps": 8000, "batch_size": 128, "lr": 1e-3, "ema_decay": 0.999, "save_every": 1000,
+                "eval_samples": 500, "eval_num_steps": 20}
 
     def train_defaults(self) -> dict:
-        # the recipe of benchmarks/crystals: sum-reduced log-probs with PPO's 0.2 clip, SDE on a
-        # 3-step window of 10, 2 optimizer steps per rollout; evaluated on the same 10-step grid
-        # (10 ODE steps beat 20 for the base and every RL model, benchmarks/crystals/README.md)
+        # the anchored recipe of benchmarks/crystals/README.md for base-x0: a third of the first recipe's
+        # learning rate and the flow-matching loss on training crystals (weight 0.1), which keep the sites
+        # the base learnt (without them RL swells the cells and the stable rate falls 29 -> 7 %); sum-reduced
+        # log-probs with PPO's 0.2 clip, SDE on a 3-step window of 10, 2 optimizer steps per rollout,
+        # evaluated on the same 10-step grid
         return {"groups_per_step": 16, "group_size": 8, "sampler.num_steps": 10, "sampler.eval_num_steps": 10,
                 "sampler.noise_level": 0.7, "sampler.sde_window_size": 3, "sampler.logprob_reduction": "sum",
-                "optim.lr": 3e-4, "optimizer_steps_per_epoch": 2, "eval_samples": 128}
+                "optim.lr": 1e-4, "loss.anchor_weight": 0.1, "optimizer_steps_per_epoch": 2, "eval_samples": 128}
 
     # ------------------------------------------------------------------ objects
     def decode(self, x: torch.Tensor) -> list:
@@ -157,12 +161,11 @@ class CrystalsDomain(Domain):
         return save_structures(objects, rewards, directory)
 
     def default_rewards(self) -> dict[str, float]:
-        # a validity gate (weighted 3x: E_hull spans 6 units and drowned it) with its smooth
-        # shortest-distance term, the proxy hull for stability, a small force penalty (near a minimum)
-        # and the volume window, without which RL swells cells to dodge CHGNet (rewards/crystals.py;
-        # the recipe of benchmarks/crystals/README.md, 95.8-98.6% valid over three seeds)
-        return {"crystal-valid": 3.0, "crystal-ehull": 1.0, "crystal-force": 0.05, "crystal-volume": 1.0,
-                "crystal-distance": 2.0}
+        # a validity gate (weighted 3x: E_hull spans 6 units and drowned it), the proxy hull for stability,
+        # a small force penalty (near a minimum) and the volume window, without which RL swells cells to
+        # dodge CHGNet (rewards/crystals.py; benchmarks/crystals/README.md). No distance term: like the
+        # energy it pays for swelling, and base-x0's collisions are of whole sites, not near misses
+        return {"crystal-valid": 3.0, "crystal-ehull": 1.0, "crystal-force": 0.05, "crystal-volume": 1.0}
 
     def evaluate(self, objects: list, conditions) -> dict[str, float]:
         cache = self._load()
@@ -177,7 +180,27 @@ class CrystalsDomain(Domain):
                                    relax_samples=self.relax_samples)
 
 
-class CrystalsDNGDomain(CrystalsDomain):
-    """De novo generation: the condition fixes the atom count only; the elements are generated."""
+class CrystalsVelocityDomain(CrystalsDomain):
+    """The domain's defaults until 2026-12-06: a velocity model on the independent lift (the first
+    shipped base, domains/crystals/base, which never learnt where atoms sit) and the RL recipe tuned on
+    it; kept so the rows of benchmarks/crystals/README.md from before then remake."""
+
+    coupling, predict, base_folder = "independent", "velocity", "base"
+
+    def pretrain_defaults(self) -> dict:
+        return {"steps": 1500, "batch_size": 128, "lr": 1e-3, "eval_samples": 500, "eval_num_steps": 20}
+
+    def train_defaults(self) -> dict:
+        return {**super().train_defaults(), "optim.lr": 3e-4, "loss.anchor_weight": 0.0}
+
+    def default_rewards(self) -> dict[str, float]:
+        # with a smooth shortest-distance term: a base that never found sites has near misses to push apart
+        return {**super().default_rewards(), "crystal-distance": 2.0}
+
+
+class CrystalsDNGDomain(CrystalsVelocityDomain):
+    """De novo generation: the condition fixes the atom count only; the elements are generated. Its
+    base (base-dng) and RL recipe are of the first kind (``CrystalsVelocityDomain``)."""
 
     generate_types = True
+    base_folder = "base-dng"

@@ -16,7 +16,7 @@ pytest.importorskip("pyxtal")
 
 from pymatgen.core import Lattice, Structure  # noqa: E402
 
-from flowcoach.domains.crystals import CrystalsDNGDomain, CrystalsDomain, physics, torus  # noqa: E402
+from flowcoach.domains.crystals import CrystalsDNGDomain, CrystalsDomain, CrystalsVelocityDomain, physics, torus  # noqa: E402
 from flowcoach.domains.crystals.data import (  # noqa: E402
     FEATURES, N_MAX, Crystal, GenConfig, crystal_from_structure, encode, from_bits, to_bits)
 from flowcoach.domains.crystals.decode import decode, save_structures  # noqa: E402
@@ -346,7 +346,8 @@ def test_validation_conditions_are_training_compositions_fixed_and_never_held_ou
 def test_coupling_keeps_each_crystal_and_pairs_it_along_the_torus_geodesic(domain):
     x0, cond = domain.data("train")
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
-    assert domain.couple(x0, eps, cond) is x0  # the default: independent pairs, as the shipped bases
+    first = CrystalsVelocityDomain(gen=TINY, copies=2, width=16, depth=1, sevenn=False)
+    assert first.couple(x0, eps, cond) is x0  # independent pairs, as the first bases
     y = CrystalsDomain(gen=TINY, copies=2, width=16, depth=1, sevenn=False, coupling="geodesic").couple(x0, eps, cond)
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
@@ -379,10 +380,11 @@ def test_a_base_brings_its_coupling_so_anchoring_pairs_as_it_was_pretrained():
     from flowcoach.core.checkpoint import load_base
 
     d = CrystalsDomain(sevenn=False)
-    assert d.coupling == "independent" and "coupling" not in d.model_config()
-    load_base(d, d.base_checkpoint().parent / "base-x0")
-    assert d.coupling == "geodesic"  # what data anchoring (couple) now uses for it
-    assert CrystalsDomain(coupling="geodesic", predict="x0").model_config()["coupling"] == "geodesic"
+    assert (d.coupling, d.predict) == ("geodesic", "x0") and d.model_config()["coupling"] == "geodesic"
+    load_base(d, d.base_checkpoint().parent / "base")  # the first base's model.json names neither
+    assert (d.coupling, d.predict) == ("independent", "velocity")  # what data anchoring (couple) now uses
+    load_base(d, d.base_checkpoint())
+    assert (d.coupling, d.predict) == ("geodesic", "x0")
 
 
 def test_default_model_is_the_shipped_bases_so_pretrain_remakes_them():
@@ -391,14 +393,34 @@ def test_default_model_is_the_shipped_bases_so_pretrain_remakes_them():
     from flowcoach.core.registry import FlowcoachError
 
     defaults = {k: p.default for k, p in inspect.signature(CrystalVelocity).parameters.items()}
-    for d in (CrystalsDomain(sevenn=False), CrystalsDNGDomain(sevenn=False)):
+    defaults["coupling"] = "independent"  # a model.json from before couplings were recorded
+    for d, folder in ((CrystalsDomain(sevenn=False), "base-x0"), (CrystalsVelocityDomain(sevenn=False), "base"),
+                      (CrystalsDNGDomain(sevenn=False), "base-dng")):
+        assert d.base_checkpoint().name == folder
         shipped = json.loads((d.base_checkpoint() / "model.json").read_text())["model_config"]
         assert {k: shipped.get(k, defaults[k]) for k in d.model_config()} == d.model_config()
-        assert d.coupling == "independent"
+        made = json.loads((d.base_checkpoint() / "base.json").read_text())["config"]
+        for key, value in d.pretrain_defaults().items():
+            assert made.get(key) == value, (folder, key)
     with pytest.raises(FlowcoachError, match="choose one of independent, nearest, geodesic"):
         CrystalsDomain(coupling="ot")
     with pytest.raises(FlowcoachError, match="choose velocity or x0"):
         CrystalsDomain(predict="eps")
+
+
+def test_rl_recipes_are_the_benchmarked_ones():
+    """`flowcoach train` starts from the anchored recipe for base-x0 (benchmarks/crystals/README.md) and
+    from the first one for the velocity bases (structure prediction of the first kind, and de novo)."""
+    from flowcoach.core.algorithms import train_config
+
+    x0 = train_config("crystals")
+    assert (x0.optim.lr, x0.loss.anchor_weight, x0.sampler.num_steps, x0.sampler.sde_window_size) == (1e-4, 0.1, 10, 3)
+    rewards = CrystalsDomain(sevenn=False).default_rewards()
+    assert "crystal-distance" not in rewards
+    for cls in (CrystalsVelocityDomain, CrystalsDNGDomain):
+        first = train_config(f"flowcoach.domains.crystals:{cls.__name__}")
+        assert (first.optim.lr, first.loss.anchor_weight, first.sampler.sde_window_size) == (3e-4, 0.0, 3)
+        assert cls(sevenn=False).default_rewards() == {**rewards, "crystal-distance": 2.0}
 
 
 def test_pretrain_and_evaluate_run_on_cpu(domain, tmp_path):
