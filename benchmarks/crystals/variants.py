@@ -4,7 +4,8 @@ domains the CLI can name: `PYTHONPATH=benchmarks/crystals flowcoach pretrain var
 Each is a CrystalsDomain with other constructor arguments. The first ones are velocity models (the
 first shipped base, domains/crystals/base, is `Velocity`, the same as the domain
 `flowcoach.domains.crystals:CrystalsVelocityDomain`); the domain's default since 2026-12-06 is
-`GeodesicX0` (= `CrystalsDomain()`, the shipped base-x0).
+`GeodesicX0Attention` (= `CrystalsDomain()`, the shipped base-attn; `GeodesicX0`, base-x0, has
+mean messages).
 MORE is the data set with 1,053 more training-only binary compositions (463 crystals kept), shipped
 in domains/crystals/shipped so these rows are remade from the same crystals.
 """
@@ -18,19 +19,19 @@ WIDE = {"width": 96, "depth": 5, "distance_rbf": 16}  # the domain's default mod
 
 # the CLI takes a Domain instance as well as a class
 Velocity = CrystalsVelocityDomain()  # how domains/crystals/base was made, with its RL recipe
-Geodesic = CrystalsDomain(coupling="geodesic", predict="velocity")
-Distances = CrystalsDomain(coupling="independent", predict="velocity", distance_rbf=16)
-WideDistances = CrystalsDomain(coupling="independent", predict="velocity", **WIDE)
-MoreData = CrystalsDomain(gen=MORE, coupling="independent", predict="velocity")
-MoreDataGeodesic = CrystalsDomain(gen=MORE, coupling="geodesic", predict="velocity")
-MoreDataWideGeodesic = CrystalsDomain(gen=MORE, coupling="geodesic", predict="velocity", **WIDE)
+Geodesic = CrystalsDomain(coupling="geodesic", predict="velocity", heads=0)
+Distances = CrystalsDomain(coupling="independent", predict="velocity", heads=0, distance_rbf=16)
+WideDistances = CrystalsDomain(coupling="independent", predict="velocity", heads=0, **WIDE)
+MoreData = CrystalsDomain(gen=MORE, coupling="independent", predict="velocity", heads=0)
+MoreDataGeodesic = CrystalsDomain(gen=MORE, coupling="geodesic", predict="velocity", heads=0)
+MoreDataWideGeodesic = CrystalsDomain(gen=MORE, coupling="geodesic", predict="velocity", heads=0, **WIDE)
 
 
 class NearestImage(CrystalsDomain):
     """Half of the geodesic coupling: each atom's image nearest its noise, no same-element permutation
     (a velocity model; a float64 loop that CrystalsDomain(coupling="nearest") now does in torch)."""
 
-    coupling, predict = "nearest", "velocity"
+    coupling, predict, heads = "nearest", "velocity", 0
 
     def couple(self, x0, eps, cond):
         import torch
@@ -45,6 +46,9 @@ class NearestImage(CrystalsDomain):
         return out
 
 # 2026-12-06: the clean-crystal (x0) output on the torus geodesic (README, "Where the atoms go")
-GeodesicX0 = CrystalsDomain(coupling="geodesic", predict="x0")
-NearestX0 = CrystalsDomain(coupling="nearest", predict="x0")
-GeodesicX0Distances = CrystalsDomain(coupling="geodesic", predict="x0", distance_rbf=16)
+GeodesicX0 = CrystalsDomain(coupling="geodesic", predict="x0", heads=0)
+NearestX0 = CrystalsDomain(coupling="nearest", predict="x0", heads=0)
+GeodesicX0Distances = CrystalsDomain(coupling="geodesic", predict="x0", heads=0, distance_rbf=16)
+
+# 2026-12-06, later: attention over the pairs in place of mean messages (the domain's default since)
+GeodesicX0Attention = CrystalsDomain(coupling="geodesic", predict="x0", heads=4)

@@ -74,24 +74,33 @@ def lattice_matrix(features: torch.Tensor) -> torch.Tensor:
 
 
 class Layer(nn.Module):
-    def __init__(self, width: int, edge_dim: int):
+    def __init__(self, width: int, edge_dim: int, heads: int = 0):
         super().__init__()
         self.msg = nn.Sequential(nn.Linear(2 * width + edge_dim, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU())
         self.upd = nn.Sequential(nn.Linear(2 * width, width), nn.SiLU(), nn.Linear(width, width))
         self.norm = nn.LayerNorm(width)
+        self.heads = heads
+        if heads:  # attention over the pairs: each head weighs width / heads message channels
+            self.score = nn.Linear(width, heads)
 
     def forward(self, h, edge, pair_mask, emb):
         B, N, W = h.shape
         h_in = self.norm(h + emb[:, None])
         pairs = torch.cat([h_in[:, :, None].expand(B, N, N, W), h_in[:, None].expand(B, N, N, W), edge], dim=-1)
         m = self.msg(pairs) * pair_mask[..., None]
-        agg = m.sum(2) / pair_mask.sum(2, keepdim=True).clamp_min(1.0)
+        if self.heads:
+            logits = self.score(m).masked_fill(pair_mask[..., None] == 0, -1e9)
+            weights = torch.softmax(logits, dim=2) * pair_mask[..., None]  # a padding row: all zero
+            agg = (weights.repeat_interleave(W // self.heads, dim=-1) * m).sum(2)
+        else:
+            agg = m.sum(2) / pair_mask.sum(2, keepdim=True).clamp_min(1.0)
         return h + self.upd(torch.cat([h_in, agg], dim=-1))
 
 
 class CrystalVelocity(nn.Module):
     def __init__(self, width: int = 64, depth: int = 4, harmonics: int = 4, generate_types: bool = False,
-                 n_max: int = N_MAX, distance_rbf: int = 0, cutoff: float = 6.0, predict: str = "velocity"):
+                 n_max: int = N_MAX, distance_rbf: int = 0, cutoff: float = 6.0, predict: str = "velocity",
+                 heads: int = 0):
         super().__init__()
         if predict not in ("velocity", "x0"):
             raise ValueError(f"predict must be 'velocity' or 'x0', got {predict!r}")
@@ -115,7 +124,9 @@ class CrystalVelocity(nn.Module):
         node_in = 6 * harmonics + (3 if predict == "velocity" else 0) + (BITS if generate_types else 0)
         self.node = nn.Linear(node_in, width)
         edge_dim = 6 * harmonics + distance_rbf
-        self.layers = nn.ModuleList(Layer(width, edge_dim) for _ in range(depth))
+        # heads > 0: attention-weighted messages in place of their mean, so an atom can single out the
+        # atom of its own element that heads for the same site
+        self.layers = nn.ModuleList(Layer(width, edge_dim, heads) for _ in range(depth))
         self.coord_out = nn.Linear(width, 9 if predict == "x0" else 3)
         self.type_out = nn.Linear(width, BITS)
         self.lattice_out = nn.Sequential(nn.Linear(2 * width, width), nn.SiLU(), nn.Linear(width, 12 if predict == "x0" else 6))

@@ -225,7 +225,7 @@ def two_compositions() -> tuple[torch.Tensor, torch.Tensor]:
     return cond, torch.randn(2, N_MAX + 1, FEATURES)
 
 
-@pytest.mark.parametrize("config", [{}, {"predict": "x0"}])
+@pytest.mark.parametrize("config", [{}, {"predict": "x0"}, {"predict": "x0", "heads": 4}])
 def test_model_closed_form_rows_and_permutation_equivariance(config):
     torch.manual_seed(0)
     model = CrystalVelocity(width=16, depth=2, **config)
@@ -394,7 +394,7 @@ def test_default_model_is_the_shipped_bases_so_pretrain_remakes_them():
 
     defaults = {k: p.default for k, p in inspect.signature(CrystalVelocity).parameters.items()}
     defaults["coupling"] = "independent"  # a model.json from before couplings were recorded
-    for d, folder in ((CrystalsDomain(sevenn=False), "base-x0"), (CrystalsVelocityDomain(sevenn=False), "base"),
+    for d, folder in ((CrystalsDomain(sevenn=False), "base-attn"), (CrystalsVelocityDomain(sevenn=False), "base"),
                       (CrystalsDNGDomain(sevenn=False), "base-dng")):
         assert d.base_checkpoint().name == folder
         shipped = json.loads((d.base_checkpoint() / "model.json").read_text())["model_config"]
@@ -414,12 +414,12 @@ def test_rl_recipes_are_the_benchmarked_ones():
     from flowcoach.core.algorithms import train_config
 
     x0 = train_config("crystals")
-    assert (x0.optim.lr, x0.loss.anchor_weight, x0.sampler.num_steps, x0.sampler.sde_window_size) == (1e-4, 0.1, 10, 3)
+    assert (x0.optim.lr, x0.loss.anchor_weight, x0.sampler.noise_level, x0.sampler.sde_window_size) == (1e-4, 0.1, 0.3, 3)
     rewards = CrystalsDomain(sevenn=False).default_rewards()
     assert "crystal-distance" not in rewards
     for cls in (CrystalsVelocityDomain, CrystalsDNGDomain):
         first = train_config(f"flowcoach.domains.crystals:{cls.__name__}")
-        assert (first.optim.lr, first.loss.anchor_weight, first.sampler.sde_window_size) == (3e-4, 0.0, 3)
+        assert (first.optim.lr, first.loss.anchor_weight, first.sampler.noise_level) == (3e-4, 0.0, 0.7)
         assert cls(sevenn=False).default_rewards() == {**rewards, "crystal-distance": 2.0}
 
 
@@ -440,7 +440,8 @@ def test_pretrain_and_evaluate_run_on_cpu(domain, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("folder,figures", [("base", ("struct_valid",)),
-                                            ("base-x0", ("struct_valid", "proxy_stable_rate", "csp_match_rate"))])
+                                            ("base-x0", ("struct_valid", "proxy_stable_rate", "csp_match_rate")),
+                                            ("base-attn", ("struct_valid", "proxy_stable_rate", "csp_match_rate"))])
 def test_shipped_base_meets_its_recorded_figures(folder, figures):
     from flowcoach.core.checkpoint import load_base
     from flowcoach.core.trainer import evaluate_model
@@ -455,14 +456,15 @@ def test_shipped_base_meets_its_recorded_figures(folder, figures):
 
 
 def test_shipped_x0_base_puts_training_perovskites_on_their_sites():
-    """base-x0's claim (benchmarks/crystals/README.md, "Where the atoms go"): from x_t at t = 0.3 its
-    clean estimate x_t - t v is on the sites of the 366 identical training perovskites, while the
-    velocity base's (the default) is as far off as a uniform guess (~0.48); each on its own coupling."""
+    """The clean-crystal bases' claim (benchmarks/crystals/README.md, "Where the atoms go"): from x_t at
+    t = 0.3 the clean estimate x_t - t v of base-x0 and base-attn is on the sites of the 366 identical
+    training perovskites, while the first (velocity) base's is as far off as a uniform guess (~0.48);
+    each on its own coupling."""
     from flowcoach.core.checkpoint import load_base
 
     shipped = CrystalsDomain(sevenn=False).base_checkpoint().parent
     errors = {}
-    for folder, coupling in (("base", "independent"), ("base-x0", "geodesic")):
+    for folder, coupling in (("base", "independent"), ("base-x0", "geodesic"), ("base-attn", "geodesic")):
         d = CrystalsDomain(sevenn=False, coupling=coupling)
         x0, cond = d.data("train")
         perovskite = (cond > 0).sum(1) == 5
@@ -475,7 +477,23 @@ def test_shipped_x0_base_puts_training_perovskites_on_their_sites():
             x0_hat = x_t - 0.3 * model(x_t, torch.full((64,), 0.3), cond)
         off = torus.periodic_displacement(torus.wrap(x0_hat[:, :5, :3]), torus.wrap(paired[:, :5, :3]))
         errors[folder] = float(off.norm(dim=-1).mean())
-    assert errors["base-x0"] < 0.06 and errors["base"] > 0.3, errors
+    assert errors["base-x0"] < 0.06 and errors["base-attn"] < 0.06 and errors["base"] > 0.3, errors
+
+
+def test_attention_base_collides_fewer_atoms_than_mean_messages():
+    """base-attn's claim over base-x0 (benchmarks/crystals/README.md): the same flow and data with
+    attention-weighted messages put fewer atoms on top of each other on the 10-step ODE."""
+    from flowcoach.core.checkpoint import load_base
+    from flowcoach.core.trainer import generate
+
+    d = CrystalsDomain(sevenn=False)
+    cond = d.eval_conditions(200)
+    valid = {}
+    for folder in ("base-x0", "base-attn"):
+        model, _ = load_base(d, d.base_checkpoint().parent / folder)
+        structures = d.decode(generate(model.eval(), d, cond, num_steps=10, seed=3))
+        valid[folder] = np.mean([s is not None and physics.structure_ok(s) for s in structures])
+    assert valid["base-attn"] > valid["base-x0"] + 0.05, valid
 
 
 def test_a_structure_chgnet_refuses_scores_the_floor_and_is_counted(nacl_hull):
