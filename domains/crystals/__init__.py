@@ -156,7 +156,11 @@ class CrystalsDomain(Domain):
         # 0.2 clip, 2 optimizer steps per rollout, evaluated on the same 10-step grid
         return {"groups_per_step": 16, "group_size": 8, "sampler.num_steps": 10, "sampler.eval_num_steps": 10,
                 "sampler.noise_level": 0.3, "sampler.sde_window_size": 3, "sampler.logprob_reduction": "sum",
-                "optim.lr": 1e-4, "loss.anchor_weight": 0.1, "optimizer_steps_per_epoch": 2, "eval_samples": 128}
+                "optim.lr": 1e-4, "loss.anchor_weight": 0.1, "optimizer_steps_per_epoch": 2, "eval_samples": 128,
+                # e-grpo's entropy threshold is absolute and a step's entropy is log(noise) + const, so at
+                # noise 0.3 its 0.3 merged all 10 steps into one; 0.3 + log(0.3 / 0.7) merges the steps as
+                # 0.3 did at noise 0.7 (blocks 1,1,1,1,2,3)
+                "sampler.merge_entropy": -0.55}
 
     # ------------------------------------------------------------------ objects
     def decode(self, x: torch.Tensor) -> list:
@@ -196,7 +200,8 @@ class CrystalsVelocityDomain(CrystalsDomain):
         return {"steps": 1500, "batch_size": 128, "lr": 1e-3, "eval_samples": 500, "eval_num_steps": 20}
 
     def train_defaults(self) -> dict:
-        return {**super().train_defaults(), "sampler.noise_level": 0.7, "optim.lr": 3e-4, "loss.anchor_weight": 0.0}
+        return {**super().train_defaults(), "sampler.noise_level": 0.7, "optim.lr": 3e-4, "loss.anchor_weight": 0.0,
+                "sampler.merge_entropy": 0.3}
 
     def default_rewards(self) -> dict[str, float]:
         # with a smooth shortest-distance term: a base that never found sites has near misses to push apart

@@ -423,6 +423,22 @@ def test_rl_recipes_are_the_benchmarked_ones():
         assert cls(sevenn=False).default_rewards() == {**rewards, "crystal-distance": 2.0}
 
 
+def test_e_grpo_merges_the_default_grid_as_at_its_recipes_noise_level():
+    """A step's entropy is log(noise) + const, so e-grpo's absolute threshold (0.3) merged every step
+    of the noise-0.3 grid into one (nothing to branch at); the domain's threshold, shifted by
+    log(0.3 / 0.7), must give the blocks that 0.3 gives at noise 0.7, counted here by hand."""
+    from flowcoach.core.algorithms import train_config
+    from flowcoach.core.sampling.structures import STRUCTURES
+
+    merged = STRUCTURES.get("merged")()
+    blocks = merged.blocks(train_config("crystals", "e-grpo"))
+    # at noise 0.7 the per-step entropies are 1.06, 1.01, 0.60, 0.33, 0.11, -0.09, ...: the first four
+    # steps clear 0.3 alone, steps 4-5 merged do, and 6-8 run out (the last step is deterministic)
+    assert blocks == [(0, 1), (1, 1), (2, 1), (3, 1), (4, 2), (6, 3)]
+    first = train_config("flowcoach.domains.crystals:CrystalsVelocityDomain", "e-grpo")
+    assert merged.blocks(first) == blocks
+
+
 def test_pretrain_and_evaluate_run_on_cpu(domain, tmp_path):
     from flowcoach.core.checkpoint import load_base
     from flowcoach.core.pretrain import PretrainConfig, pretrain
