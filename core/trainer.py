@@ -560,7 +560,9 @@ def train(cfg: TrainConfig, domain: Domain | None = None, console=None) -> Path:
         x0, anchor_cond = domain.data("train")
         anchor = (x0.float(), anchor_cond, domain.couple)
 
-    start, totals = 0, {"nfe": 0, "cpu_s": 0.0, "wall_s": 0.0}
+    # skipped_*: RL steps with non-finite rewards (no update) and optimizer steps with a non-finite loss,
+    # over the whole run (checkpoints keep the totals, so a resumed run counts on)
+    start, totals = 0, {"nfe": 0, "cpu_s": 0.0, "wall_s": 0.0, "skipped_steps": 0, "skipped_optimizer_steps": 0}
     if resume_dir is not None:
         run_dir = resume_dir
         explicit = Path(cfg.resume) if Path(cfg.resume).parent.name == "checkpoints" else None
@@ -615,8 +617,11 @@ def train(cfg: TrainConfig, domain: Domain | None = None, console=None) -> Path:
             totals["nfe"] += int(accelerator.reduce(torch.tensor([step_nfe], device=accelerator.device), "sum").item())
             totals["cpu_s"] += time.process_time() - cpu0
             totals["wall_s"] += time.perf_counter() - wall0
+            totals["skipped_steps"] += int(metrics.get("skipped/nonfinite_reward", 0) > 0)
+            totals["skipped_optimizer_steps"] += int(metrics.get("skipped/nonfinite_loss", 0))
             metrics.update({"nfe/step": step_nfe, "nfe/total": totals["nfe"], "time/train_cpu_s": totals["cpu_s"],
-                            "time/train_wall_s": totals["wall_s"]})
+                            "time/train_wall_s": totals["wall_s"], "skipped/steps_total": totals["skipped_steps"],
+                            "skipped/optimizer_steps_total": totals["skipped_optimizer_steps"]})
             out_of_time = _all_agree(accelerator, cfg.time_budget_s > 0 and totals["cpu_s"] >= cfg.time_budget_s)
             last = step + 1 == cfg.steps or out_of_time
             timed_eval = _all_agree(accelerator, cfg.eval_every_s > 0 and totals["cpu_s"] - last_eval_cpu >= cfg.eval_every_s)
@@ -636,6 +641,10 @@ def train(cfg: TrainConfig, domain: Domain | None = None, console=None) -> Path:
             if out_of_time:
                 say(f"time budget of {cfg.time_budget_s:g} CPU s spent after {step + 1} steps")
                 break
+        if totals["skipped_steps"] or totals["skipped_optimizer_steps"]:
+            say(f"warning: {totals['skipped_steps']} RL step(s) made no update (non-finite rewards) and "
+                f"{totals['skipped_optimizer_steps']} optimizer step(s) were skipped (non-finite loss); "
+                f"metrics.jsonl has them per step under skipped/")
     finally:
         counter.detach()
         if progress:

@@ -53,3 +53,4 @@ GeodesicX0Distances = CrystalsDomain(coupling="geodesic", predict="x0", heads=0,
 # 2026-12-06, later: attention over the pairs in place of mean messages (the domain's default since)
 GeodesicX0Attention = CrystalsDomain(coupling="geodesic", predict="x0", heads=4)
 GeodesicX0Attention8 = CrystalsDomain(coupling="geodesic", predict="x0", heads=8)
+GeodesicX0AttentionDeep = CrystalsDomain(coupling="geodesic", predict="x0", heads=4, depth=6)

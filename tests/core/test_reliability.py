@@ -394,6 +394,7 @@ def test_a_non_finite_loss_skips_the_optimizer_step_and_is_counted(tmp_path, mon
     run = trainer.train(small_config(tmp_path, steps=2, checkpoint_every=1, optimizer_steps_per_epoch=2), domain=domain)
     rows = read_metrics(run)
     assert [r["skipped/nonfinite_loss"] for r in rows] == [1, 0]
+    assert [r["skipped/optimizer_steps_total"] for r in rows] == [1, 1]
     assert all(r["skipped/nonfinite_reward"] == 0 for r in rows)
     assert all(torch.isfinite(v).all() for v in final_weights(run).values())
     assert any(not torch.equal(v, base[k].detach()) for k, v in final_weights(run).items())  # later steps trained

@@ -160,8 +160,12 @@ def test_non_finite_reward_is_reported_and_the_step_skipped(tmp_path, capsys):
     base, _ = load_base(domain)
     run = train(small_config(tmp_path, steps=1, checkpoint_every=1), domain=domain)
     row = read_metrics(run)[0]
-    assert row["skipped/nonfinite_reward"] == 1
-    assert "non-finite reward" in capsys.readouterr().out
+    assert row["skipped/nonfinite_reward"] == 1 and row["skipped/steps_total"] == 1
+    out = capsys.readouterr().out
+    assert "non-finite reward" in out
+    assert "1 RL step(s) made no update (non-finite rewards)" in out  # the run's end says it too
+    state = json.loads((list_checkpoints(run)[-1] / "state.json").read_text())
+    assert state["totals"]["skipped_steps"] == 1  # kept for a resumed run to count on
     trained = final_weights(run)
     base_params = dict(base.named_parameters())
     assert all(torch.equal(v, base_params[k].detach()) for k, v in trained.items())
