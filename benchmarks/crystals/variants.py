@@ -14,16 +14,17 @@ from flowcoach.domains.crystals import CrystalsDomain, CrystalsVelocityDomain
 from flowcoach.domains.crystals.data import GenConfig
 
 MORE = GenConfig(extra_compositions=1053)
+FOUR = 4  # the depth of every base here until 2026-12-06 (the domain's default since: 6)
 WIDE = {"width": 96, "depth": 5, "distance_rbf": 16}  # the domain's default model before 2026-12-03
 
 
 # the CLI takes a Domain instance as well as a class
 Velocity = CrystalsVelocityDomain()  # how domains/crystals/base was made, with its RL recipe
-Geodesic = CrystalsDomain(coupling="geodesic", predict="velocity", heads=0)
-Distances = CrystalsDomain(coupling="independent", predict="velocity", heads=0, distance_rbf=16)
+Geodesic = CrystalsDomain(coupling="geodesic", predict="velocity", heads=0, depth=FOUR)
+Distances = CrystalsDomain(coupling="independent", predict="velocity", heads=0, distance_rbf=16, depth=FOUR)
 WideDistances = CrystalsDomain(coupling="independent", predict="velocity", heads=0, **WIDE)
-MoreData = CrystalsDomain(gen=MORE, coupling="independent", predict="velocity", heads=0)
-MoreDataGeodesic = CrystalsDomain(gen=MORE, coupling="geodesic", predict="velocity", heads=0)
+MoreData = CrystalsDomain(gen=MORE, coupling="independent", predict="velocity", heads=0, depth=FOUR)
+MoreDataGeodesic = CrystalsDomain(gen=MORE, coupling="geodesic", predict="velocity", heads=0, depth=FOUR)
 MoreDataWideGeodesic = CrystalsDomain(gen=MORE, coupling="geodesic", predict="velocity", heads=0, **WIDE)
 
 
@@ -31,7 +32,7 @@ class NearestImage(CrystalsDomain):
     """Half of the geodesic coupling: each atom's image nearest its noise, no same-element permutation
     (a velocity model; a float64 loop that CrystalsDomain(coupling="nearest") now does in torch)."""
 
-    coupling, predict, heads = "nearest", "velocity", 0
+    coupling, predict, heads, depth = "nearest", "velocity", 0, FOUR
 
     def couple(self, x0, eps, cond):
         import torch
@@ -46,11 +47,12 @@ class NearestImage(CrystalsDomain):
         return out
 
 # 2026-12-06: the clean-crystal (x0) output on the torus geodesic (README, "Where the atoms go")
-GeodesicX0 = CrystalsDomain(coupling="geodesic", predict="x0", heads=0)
-NearestX0 = CrystalsDomain(coupling="nearest", predict="x0", heads=0)
-GeodesicX0Distances = CrystalsDomain(coupling="geodesic", predict="x0", heads=0, distance_rbf=16)
+GeodesicX0 = CrystalsDomain(coupling="geodesic", predict="x0", heads=0, depth=FOUR)
+NearestX0 = CrystalsDomain(coupling="nearest", predict="x0", heads=0, depth=FOUR)
+GeodesicX0Distances = CrystalsDomain(coupling="geodesic", predict="x0", heads=0, distance_rbf=16, depth=FOUR)
 
 # 2026-12-06, later: attention over the pairs in place of mean messages (the domain's default since)
-GeodesicX0Attention = CrystalsDomain(coupling="geodesic", predict="x0", heads=4)
-GeodesicX0Attention8 = CrystalsDomain(coupling="geodesic", predict="x0", heads=8)
+GeodesicX0Attention = CrystalsDomain(coupling="geodesic", predict="x0", heads=4, depth=FOUR)
+GeodesicX0Attention8 = CrystalsDomain(coupling="geodesic", predict="x0", heads=8, depth=FOUR)
+# 2026-12-06, evening: 6 layers (base-deep: this, then --init-from it for 8,000 more steps; the default since)
 GeodesicX0AttentionDeep = CrystalsDomain(coupling="geodesic", predict="x0", heads=4, depth=6)

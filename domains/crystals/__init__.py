@@ -42,10 +42,11 @@ class CrystalsDomain(Domain):
     # geodesic, which learns where atoms sit where the velocity model on the independent lift (the
     # first base, domains/crystals/base) never did (benchmarks/crystals/README.md, "Where the atoms go"),
     # with attention-weighted messages (4 heads), which collide fewer atoms of one element than their
-    # mean (base-x0): 66 -> 79 % valid, proxy stable 31 -> 52 %
-    coupling, predict, heads, base_folder = "geodesic", "x0", 4, "base-attn"
+    # mean (base-x0): 66 -> 79 % valid, proxy stable 31 -> 52 %; 6 layers in place of 4 and twice the
+    # pretraining (base-deep): 81 -> 87 % valid, proxy stable 51 -> 61 % on 10 steps
+    coupling, predict, heads, depth, base_folder = "geodesic", "x0", 4, 6, "base-deep"
 
-    def __init__(self, gen: GenConfig | None = None, copies: int = 4, width: int = 64, depth: int = 4,
+    def __init__(self, gen: GenConfig | None = None, copies: int = 4, width: int = 64, depth: int | None = None,
                  sevenn: bool = True, distance_rbf: int = 0, relax_samples: int = 0, coupling: str | None = None,
                  predict: str | None = None, heads: int | None = None):
         """``gen``: the data set to generate (default: the shipped base's); ``copies``: lifts per
@@ -55,15 +56,15 @@ class CrystalsDomain(Domain):
         (the lift's image), "nearest" (each atom's image nearest its noise) or "geodesic" (also
         same-element atoms permuted onto their noise) (``couple``); ``predict``: the model's output,
         "velocity" or "x0" (the clean crystal, ``CrystalVelocity``); ``heads``: attention heads over the
-        atom pairs (0: mean messages). None: the class's (above); loading a model sets coupling and
-        output to the ones it was made with (``build_model``)."""
+        atom pairs (0: mean messages). None: the class's (above, also for ``depth``); loading a model sets
+        coupling and output to the ones it was made with (``build_model``)."""
         coupling, predict = coupling or self.coupling, predict or self.predict
         if coupling not in COUPLINGS:
             raise FlowcoachError(f"unknown crystals coupling '{coupling}'; choose one of {', '.join(COUPLINGS)}")
         if predict not in ("velocity", "x0"):
             raise FlowcoachError(f"unknown crystals model output '{predict}'; choose velocity or x0")
         self.gen = gen or GenConfig()
-        self.copies, self.width, self.depth, self.sevenn = copies, width, depth, sevenn
+        self.copies, self.width, self.depth, self.sevenn = copies, width, self.depth if depth is None else depth, sevenn
         self.distance_rbf, self.relax_samples, self.coupling = distance_rbf, relax_samples, coupling
         self.predict, self.heads = predict, self.heads if heads is None else heads
         self._cache: dict = {}
@@ -142,13 +143,15 @@ class CrystalsDomain(Domain):
         return path if (path / "model.safetensors").exists() else None
 
     def pretrain_defaults(self) -> dict:
-        # how domains/crystals/base-attn (and base-x0, with mean messages) was made (their base.json record the same)
+        # how domains/crystals/base-attn (and base-x0, with mean messages; both 4 layers) was made (their
+        # base.json record the same); base-deep is these flags at 6 layers, then again with --init-from
+        # that base (a second cosine cycle of 8,000 steps; its base.json)
         return {"steps": 8000, "batch_size": 128, "lr": 1e-3, "ema_decay": 0.999, "save_every": 1000,
                 "eval_samples": 500, "eval_num_steps": 20}
 
     def train_defaults(self) -> dict:
         # the anchored recipe of benchmarks/crystals/README.md (tuned on base-x0; from base-attn it reaches
-        # 84-88 % valid, proxy stable 52-56 %, two seeds): a third of the first recipe's
+        # 84-88 % valid, proxy stable 52-56 %, from base-deep 87-89 % and 59-60 %, two seeds each): a third of the first recipe's
         # learning rate and the flow-matching loss on training crystals (weight 0.1), which keep the sites
         # the base learnt (without them RL swells the cells and the stable rate falls 29 -> 7 %); SDE at
         # noise 0.3 on a 3-step window of 10 (0.7 left more of the rollouts valid than the ODE, so fewer
@@ -194,7 +197,7 @@ class CrystalsVelocityDomain(CrystalsDomain):
     shipped base, domains/crystals/base, which never learnt where atoms sit) and the RL recipe tuned on
     it; kept so the rows of benchmarks/crystals/README.md from before then remake."""
 
-    coupling, predict, heads, base_folder = "independent", "velocity", 0, "base"
+    coupling, predict, heads, depth, base_folder = "independent", "velocity", 0, 4, "base"
 
     def pretrain_defaults(self) -> dict:
         return {"steps": 1500, "batch_size": 128, "lr": 1e-3, "eval_samples": 500, "eval_num_steps": 20}

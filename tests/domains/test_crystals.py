@@ -394,14 +394,18 @@ def test_default_model_is_the_shipped_bases_so_pretrain_remakes_them():
 
     defaults = {k: p.default for k, p in inspect.signature(CrystalVelocity).parameters.items()}
     defaults["coupling"] = "independent"  # a model.json from before couplings were recorded
-    for d, folder in ((CrystalsDomain(sevenn=False), "base-attn"), (CrystalsVelocityDomain(sevenn=False), "base"),
+    for d, folder in ((CrystalsDomain(sevenn=False), "base-deep"), (CrystalsVelocityDomain(sevenn=False), "base"),
                       (CrystalsDNGDomain(sevenn=False), "base-dng")):
         assert d.base_checkpoint().name == folder
         shipped = json.loads((d.base_checkpoint() / "model.json").read_text())["model_config"]
         assert {k: shipped.get(k, defaults[k]) for k in d.model_config()} == d.model_config()
-        made = json.loads((d.base_checkpoint() / "base.json").read_text())["config"]
+        made = json.loads((d.base_checkpoint() / "base.json").read_text())
         for key, value in d.pretrain_defaults().items():
-            assert made.get(key) == value, (folder, key)
+            assert made["config"].get(key) == value, (folder, key)
+    # base-deep is the defaults twice: from scratch, then --init-from that base with the same flags
+    deep = json.loads((CrystalsDomain(sevenn=False).base_checkpoint() / "base.json").read_text())
+    again = deep["init_from_record"]["command"].replace(" --steps", f" --init-from {deep['config']['init_from']} --steps")
+    assert again.split(" --output ")[0] == deep["command"].split(" --output ")[0]
     with pytest.raises(FlowcoachError, match="choose one of independent, nearest, geodesic"):
         CrystalsDomain(coupling="ot")
     with pytest.raises(FlowcoachError, match="choose velocity or x0"):
@@ -457,7 +461,8 @@ def test_pretrain_and_evaluate_run_on_cpu(domain, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("folder,figures", [("base", ("struct_valid",)),
                                             ("base-x0", ("struct_valid", "proxy_stable_rate", "csp_match_rate")),
-                                            ("base-attn", ("struct_valid", "proxy_stable_rate", "csp_match_rate"))])
+                                            ("base-attn", ("struct_valid", "proxy_stable_rate", "csp_match_rate")),
+                                            ("base-deep", ("struct_valid", "proxy_stable_rate", "csp_match_rate"))])
 def test_shipped_base_meets_its_recorded_figures(folder, figures):
     from flowcoach.core.checkpoint import load_base
     from flowcoach.core.trainer import evaluate_model
@@ -498,18 +503,20 @@ def test_shipped_x0_base_puts_training_perovskites_on_their_sites():
 
 def test_attention_base_collides_fewer_atoms_than_mean_messages():
     """base-attn's claim over base-x0 (benchmarks/crystals/README.md): the same flow and data with
-    attention-weighted messages put fewer atoms on top of each other on the 10-step ODE."""
+    attention-weighted messages put fewer atoms on top of each other on the 10-step ODE; and base-deep's
+    over base-attn (6 layers, twice the pretraining): fewer still."""
     from flowcoach.core.checkpoint import load_base
     from flowcoach.core.trainer import generate
 
     d = CrystalsDomain(sevenn=False)
     cond = d.eval_conditions(200)
     valid = {}
-    for folder in ("base-x0", "base-attn"):
+    for folder in ("base-x0", "base-attn", "base-deep"):
         model, _ = load_base(d, d.base_checkpoint().parent / folder)
         structures = d.decode(generate(model.eval(), d, cond, num_steps=10, seed=3))
         valid[folder] = np.mean([s is not None and physics.structure_ok(s) for s in structures])
     assert valid["base-attn"] > valid["base-x0"] + 0.05, valid
+    assert valid["base-deep"] > valid["base-attn"] + 0.03, valid
 
 
 def test_a_structure_chgnet_refuses_scores_the_floor_and_is_counted(nacl_hull):
