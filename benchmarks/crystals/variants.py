@@ -3,9 +3,9 @@ domains the CLI can name: `PYTHONPATH=benchmarks/crystals flowcoach pretrain var
 
 Each is a CrystalsDomain with other constructor arguments. The first ones are velocity models (the
 first shipped base, domains/crystals/base, is `Velocity`, the same as the domain
-`flowcoach.domains.crystals:CrystalsVelocityDomain`); the domain's default since 2026-12-06 is
-`GeodesicX0Attention` (= `CrystalsDomain()`, the shipped base-attn; `GeodesicX0`, base-x0, has
-mean messages).
+`flowcoach.domains.crystals:CrystalsVelocityDomain`); the shipped base-attn is `GeodesicX0Attention`
+(`GeodesicX0`, base-x0, has mean messages), and the domain's default since the evening of 2026-12-06,
+base-deep, is `GeodesicX0AttentionDeep` (= `CrystalsDomain()`) pretrained twice.
 MORE is the data set with 1,053 more training-only binary compositions (463 crystals kept), shipped
 in domains/crystals/shipped so these rows are remade from the same crystals.
 """
@@ -14,17 +14,17 @@ from flowcoach.domains.crystals import CrystalsDomain, CrystalsVelocityDomain
 from flowcoach.domains.crystals.data import GenConfig
 
 MORE = GenConfig(extra_compositions=1053)
-FOUR = 4  # the depth of every base here until 2026-12-06 (the domain's default since: 6)
 WIDE = {"width": 96, "depth": 5, "distance_rbf": 16}  # the domain's default model before 2026-12-03
 
 
-# the CLI takes a Domain instance as well as a class
+# the CLI takes a Domain instance as well as a class. The bases here before base-deep had 4 layers (WIDE:
+# 5), named since the domain's default became 6
 Velocity = CrystalsVelocityDomain()  # how domains/crystals/base was made, with its RL recipe
-Geodesic = CrystalsDomain(coupling="geodesic", predict="velocity", heads=0, depth=FOUR)
-Distances = CrystalsDomain(coupling="independent", predict="velocity", heads=0, distance_rbf=16, depth=FOUR)
+Geodesic = CrystalsDomain(coupling="geodesic", predict="velocity", heads=0, depth=4)
+Distances = CrystalsDomain(coupling="independent", predict="velocity", heads=0, distance_rbf=16, depth=4)
 WideDistances = CrystalsDomain(coupling="independent", predict="velocity", heads=0, **WIDE)
-MoreData = CrystalsDomain(gen=MORE, coupling="independent", predict="velocity", heads=0, depth=FOUR)
-MoreDataGeodesic = CrystalsDomain(gen=MORE, coupling="geodesic", predict="velocity", heads=0, depth=FOUR)
+MoreData = CrystalsDomain(gen=MORE, coupling="independent", predict="velocity", heads=0, depth=4)
+MoreDataGeodesic = CrystalsDomain(gen=MORE, coupling="geodesic", predict="velocity", heads=0, depth=4)
 MoreDataWideGeodesic = CrystalsDomain(gen=MORE, coupling="geodesic", predict="velocity", heads=0, **WIDE)
 
 
@@ -32,7 +32,7 @@ class NearestImage(CrystalsDomain):
     """Half of the geodesic coupling: each atom's image nearest its noise, no same-element permutation
     (a velocity model; a float64 loop that CrystalsDomain(coupling="nearest") now does in torch)."""
 
-    coupling, predict, heads, depth = "nearest", "velocity", 0, FOUR
+    coupling, predict, heads, depth = "nearest", "velocity", 0, 4
 
     def couple(self, x0, eps, cond):
         import torch
@@ -47,12 +47,12 @@ class NearestImage(CrystalsDomain):
         return out
 
 # 2026-12-06: the clean-crystal (x0) output on the torus geodesic (README, "Where the atoms go")
-GeodesicX0 = CrystalsDomain(coupling="geodesic", predict="x0", heads=0, depth=FOUR)
-NearestX0 = CrystalsDomain(coupling="nearest", predict="x0", heads=0, depth=FOUR)
-GeodesicX0Distances = CrystalsDomain(coupling="geodesic", predict="x0", heads=0, distance_rbf=16, depth=FOUR)
+GeodesicX0 = CrystalsDomain(coupling="geodesic", predict="x0", heads=0, depth=4)
+NearestX0 = CrystalsDomain(coupling="nearest", predict="x0", heads=0, depth=4)
+GeodesicX0Distances = CrystalsDomain(coupling="geodesic", predict="x0", heads=0, distance_rbf=16, depth=4)
 
 # 2026-12-06, later: attention over the pairs in place of mean messages (the domain's default since)
-GeodesicX0Attention = CrystalsDomain(coupling="geodesic", predict="x0", heads=4, depth=FOUR)
-GeodesicX0Attention8 = CrystalsDomain(coupling="geodesic", predict="x0", heads=8, depth=FOUR)
+GeodesicX0Attention = CrystalsDomain(coupling="geodesic", predict="x0", heads=4, depth=4)
+GeodesicX0Attention8 = CrystalsDomain(coupling="geodesic", predict="x0", heads=8, depth=4)
 # 2026-12-06, evening: 6 layers (base-deep: this, then --init-from it for 8,000 more steps; the default since)
 GeodesicX0AttentionDeep = CrystalsDomain(coupling="geodesic", predict="x0", heads=4, depth=6)

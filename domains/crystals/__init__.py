@@ -151,8 +151,8 @@ class CrystalsDomain(Domain):
 
     def train_defaults(self) -> dict:
         # the anchored recipe of benchmarks/crystals/README.md (tuned on base-x0; from base-attn it reaches
-        # 84-88 % valid, proxy stable 52-56 %, from base-deep 87-89 % and 59-60 %, two seeds each): a third of the first recipe's
-        # learning rate and the flow-matching loss on training crystals (weight 0.1), which keep the sites
+        # 84-88 % valid, proxy stable 52-56 %, from base-deep 87-89 % and 59-60 %, two seeds each): a
+        # third of the first recipe's learning rate and the flow-matching loss on training crystals (weight 0.1), which keep the sites
         # the base learnt (without them RL swells the cells and the stable rate falls 29 -> 7 %); SDE at
         # noise 0.3 on a 3-step window of 10 (0.7 left more of the rollouts valid than the ODE, so fewer
         # collisions to learn from: 80 against 83-85 % valid after RL), sum-reduced log-probs with PPO's
