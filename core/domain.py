@@ -89,6 +89,17 @@ class Domain(ABC):
         """
         return x0
 
+    def structure_loss(self, x0_hat: torch.Tensor, x0: torch.Tensor, cond: Any) -> torch.Tensor | None:
+        """Per-sample loss [B] on the clean sample a velocity implies, x0_hat = x_t - t v (where an Euler
+        step to t = 0 lands), against its data sample x0: the pretraining's ``--structure-weight`` term.
+
+        Flow matching's squared error is minimised by the posterior mean, which averages the objects a
+        noisy state may become; a loss on what the samples must satisfy (e.g. the distances between
+        atoms, which do not depend on which of two like atoms goes where) asks the model to commit to
+        one. Default: None, the domain has none.
+        """
+        return None
+
     def pretrain_batch(self, num_samples: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """Indices [batch_size] of the next pretraining batch among the ``num_samples`` of data("train").
 

@@ -77,11 +77,14 @@ def flow_times(n: int, generator: torch.Generator | None = None, scheme: str = "
 
 
 def flow_matching_loss(velocity, x0: torch.Tensor, cond, generator: torch.Generator | None = None,
-                       t: torch.Tensor | None = None, couple=None) -> torch.Tensor:
+                       t: torch.Tensor | None = None, couple=None, structure=None,
+                       structure_weight: float = 0.0) -> torch.Tensor:
     """Conditional flow matching: x_t = (1 - t) x0 + t eps, target eps - x0, mean squared error.
 
     t ~ U(0, 1) per sample unless given. ``couple(x0, eps, cond) -> x0`` pairs each data sample with
     its noise (``Domain.couple``: e.g. atoms permuted and rotated onto the noise); default independent.
+    ``structure(x0_hat, x0, cond) -> [B]`` (``Domain.structure_loss``) adds ``structure_weight`` times
+    its mean on the implied clean sample x0_hat = x_t - t v.
     Used for pretraining and for data anchoring in RL.
     """
     batch = x0.shape[0]
@@ -93,7 +96,10 @@ def flow_matching_loss(velocity, x0: torch.Tensor, cond, generator: torch.Genera
     tb = t.reshape(batch, *([1] * (x0.dim() - 1)))
     x_t = (1 - tb) * x0 + tb * eps
     v = velocity(x_t, t, cond)
-    return ((v.float() - (eps - x0).float()) ** 2).mean()
+    loss = ((v.float() - (eps - x0).float()) ** 2).mean()
+    if structure is not None and structure_weight:
+        loss = loss + structure_weight * structure(x_t - tb * v, x0, cond).float().mean()
+    return loss
 
 
 def ratio_norm_log_ratio(log_prob, old_log_prob, mean, old_mean, std, reduction: str = "mean") -> torch.Tensor:

@@ -54,10 +54,13 @@ class PretrainConfig:
     the data, so a negative mean trains more on the last, fine steps of sampling."""
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    structure_weight: float = 0.0
+    """Weight of the domain's structure loss (``Domain.structure_loss``: e.g. crystals' interatomic
+    distances of the clean sample x_t - t v against the data's) added to flow matching. 0: off."""
 
 # the flags a resumed pretraining must share with the stopped one (the rest do not change the run)
 RESUME_FIELDS = ("domain", "steps", "batch_size", "lr", "seed", "ema_decay", "init_from", "time_sampling",
-                 "logit_mean", "logit_std")
+                 "logit_mean", "logit_std", "structure_weight")
 
 
 def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) -> Path:
@@ -79,6 +82,9 @@ def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) ->
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     x0, cond = domain.data("train")
+    structure = domain.structure_loss if cfg.structure_weight else None
+    if structure is not None and structure(x0[:1], x0[:1], index_cond(cond, torch.arange(1))) is None:
+        raise FlowcoachError(f"the {domain.name} domain has no structure loss; drop --structure-weight")
     if cfg.ema_decay < 0 or cfg.ema_decay >= 1 or cfg.save_every < 0:
         raise FlowcoachError("pretrain needs 0 <= ema_decay < 1 and save_every >= 0")
     if cfg.init_from:  # the base's weights and its model config
@@ -114,7 +120,8 @@ def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) ->
         idx = domain.pretrain_batch(x0.shape[0], cfg.batch_size, g)
         loss = flow_matching_loss(model, x0[idx], index_cond(cond, idx), generator=g, couple=domain.couple,
                                   t=None if cfg.time_sampling == "uniform" else  # uniform: drawn in the loss, as before
-                                  flow_times(len(idx), g, cfg.time_sampling, cfg.logit_mean, cfg.logit_std))
+                                  flow_times(len(idx), g, cfg.time_sampling, cfg.logit_mean, cfg.logit_std),
+                                  structure=structure, structure_weight=cfg.structure_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

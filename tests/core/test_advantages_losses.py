@@ -104,3 +104,27 @@ def test_flow_matching_loss_is_zero_for_the_exact_conditional_velocity_and_uses_
     onto_noise = lambda x, eps, c: eps  # noqa: E731
     assert float(flow_matching_loss(zero, x0, None, generator=torch.Generator().manual_seed(0), couple=onto_noise)) == 0.0
     assert float(flow_matching_loss(zero, x0, None, generator=torch.Generator().manual_seed(0))) > 1.0
+
+
+def test_flow_matching_loss_adds_the_structure_loss_on_the_implied_clean_sample():
+    from flowcoach.core.losses import flow_matching_loss
+
+    x0 = torch.randn(16, 2, 3, generator=torch.Generator().manual_seed(2))
+    t = torch.linspace(0.05, 1.0, 16)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))  # what the loss draws first
+    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
+    half = lambda x, tt, c: 0.5 * x  # noqa: E731
+    seen = []
+
+    def structure(x0_hat, data, cond):
+        seen.append(x0_hat)
+        return (x0_hat - data).abs().sum((1, 2))
+
+    plain = flow_matching_loss(half, x0, None, generator=torch.Generator().manual_seed(0), t=t)
+    both = flow_matching_loss(half, x0, None, generator=torch.Generator().manual_seed(0), t=t,
+                              structure=structure, structure_weight=0.3)
+    x0_hat = x_t - t[:, None, None] * 0.5 * x_t  # an Euler step from x_t to t = 0 with v = x_t / 2
+    torch.testing.assert_close(seen[0], x0_hat)
+    torch.testing.assert_close(both, plain + 0.3 * (x0_hat - x0).abs().sum((1, 2)).mean())
+    assert flow_matching_loss(half, x0, None, generator=torch.Generator().manual_seed(0), t=t,
+                              structure=structure, structure_weight=0.0) == plain and len(seen) == 1

@@ -173,6 +173,16 @@ def test_logit_normal_flow_times_reach_the_pretraining_loss(tmp_path, monkeypatc
                                                         output=str(tmp_path / "c")), ToyDomain())
 
 
+def test_a_structure_weight_needs_a_domain_with_a_structure_loss(tmp_path):
+    from flowcoach.core.pretrain import PretrainConfig, pretrain
+    from flowcoach.core.registry import FlowcoachError
+    from flowcoach.domains.toy import ToyDomain
+
+    with pytest.raises(FlowcoachError, match="no structure loss; drop --structure-weight"):
+        pretrain(PretrainConfig(domain="toy", steps=2, structure_weight=0.1, output=str(tmp_path / "a")), ToyDomain())
+    assert not (tmp_path / "a").exists()  # refused before anything was written
+
+
 def test_init_from_continues_a_finished_base(tmp_path):
     from safetensors.torch import load_file
 

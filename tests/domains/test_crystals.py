@@ -363,6 +363,26 @@ def test_coupling_keeps_each_crystal_and_pairs_it_along_the_torus_geodesic(domai
         assert float(((y[b, :n, :3] - eps[b, :n, :3]) ** 2).sum()) <= float(((x0[b, :n, :3] - eps[b, :n, :3]) ** 2).sum()) + 1e-6
 
 
+def test_structure_loss_is_the_distance_error_on_the_torus(domain):
+    s = rocksalt()  # the cubic 8-atom cell: fractional shortest displacements are the shortest distances
+    x0, cond = encode([crystal_from_structure(s, -3.0, "test")], seed=0)
+    assert float(domain.structure_loss(x0, x0, cond)[0]) < 1e-6
+    same = x0.clone()
+    same[0, 2, 0] += 1.0  # another periodic image of one atom: the same crystal
+    assert float(domain.structure_loss(same, x0, cond)[0]) < 1e-6
+    # the second Na on the first one's site: the mean over the 56 ordered pairs of the squared change of
+    # each distance, the distances from pymatgen's own shortest-image distance matrix
+    hat = x0.clone()
+    hat[0, 1, :3] = x0[0, 0, :3]
+    collapsed = Structure(s.lattice, s.species, [s.frac_coords[0], *s.frac_coords[[0]], *s.frac_coords[2:]])
+    expected = ((collapsed.distance_matrix - s.distance_matrix) ** 2).sum() / 56
+    assert abs(float(domain.structure_loss(hat, x0, cond)[0]) - expected) < 1e-3
+    assert expected > 2 * (5.64 / 2**0.5) ** 2 / 56  # at least the pair's own 3.99 A, lost both ways
+    hat.requires_grad_(True)
+    domain.structure_loss(hat, x0, cond).sum().backward()
+    assert torch.isfinite(hat.grad).all()  # through the collided pair's zero distance too
+
+
 def test_nearest_coupling_moves_each_atom_to_its_image_nearest_the_noise(domain):
     x0, cond = domain.data("train")
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(6))
