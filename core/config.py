@@ -121,6 +121,10 @@ class LossConfig:
     another weighting of the times than the one it was trained on."""
     anchor_logit_mean: float = 0.0
     anchor_logit_std: float = 1.0
+    anchor_structure_weight: float = 0.0
+    """The anchoring loss is flow matching plus this weight x the domain's structure loss
+    (``Domain.structure_loss``), as pretraining's --structure-weight; give the base's own (its
+    base.json config: structure_weight), or anchoring pulls the model back toward plain flow matching."""
     nft_beta: float = 1.0
     """DiffusionNFT's beta: v+ = (1 - beta) v_old + beta v, v- = (1 + beta) v_old - beta v."""
     nft_old_rate: float = 0.001

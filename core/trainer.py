@@ -144,6 +144,8 @@ def validate(cfg: TrainConfig, domain: Domain | None = None) -> None:
             raise FlowcoachError(f"{name} must be >= {least}, got {getattr(cfg, name)}")
     if cfg.loss.anchor_weight > 0 and cfg.loss.anchor_batch < 1:
         raise FlowcoachError(f"loss.anchor_batch must be >= 1 with data anchoring, got {cfg.loss.anchor_batch}")
+    if cfg.loss.anchor_structure_weight and not cfg.loss.anchor_weight > 0:
+        raise FlowcoachError("loss.anchor_structure_weight weighs a term of data anchoring; set loss.anchor_weight > 0 too")
     if cfg.loss.anchor_logit_std <= 0:
         raise FlowcoachError(f"loss.anchor_logit_std must be > 0, got {cfg.loss.anchor_logit_std}")
     if domain is not None and domain.kind == "interact":
@@ -558,7 +560,10 @@ def train(cfg: TrainConfig, domain: Domain | None = None, console=None) -> Path:
     anchor = None
     if cfg.loss.anchor_weight > 0:
         x0, anchor_cond = domain.data("train")
-        anchor = (x0.float(), anchor_cond, domain.couple)
+        structure = domain.structure_loss if cfg.loss.anchor_structure_weight else None
+        if structure is not None and structure(x0[:1], x0[:1], index_cond(anchor_cond, torch.arange(1))) is None:
+            raise FlowcoachError(f"the {domain.name} domain has no structure loss; drop loss.anchor_structure_weight")
+        anchor = (x0.float(), anchor_cond, domain.couple, structure)
 
     # skipped_*: RL steps with non-finite rewards (no update) and optimizer steps with a non-finite loss,
     # over the whole run (checkpoints keep the totals, so a resumed run counts on)
@@ -782,6 +787,8 @@ def rl_step(policy, optimizer, accelerator, domain, cfg: TrainConfig, plan: Batc
         metrics["kl/ref"] = cat_mean(stats["kl"])
     if stats.get("anchor"):  # the flow-matching loss on real data: watch it to see anchoring hold
         metrics["loss/anchor"] = sum(stats["anchor"]) / len(stats["anchor"])
+    if stats.get("anchor_structure"):
+        metrics["loss/anchor_structure"] = sum(stats["anchor_structure"]) / len(stats["anchor_structure"])
     return metrics
 
 
@@ -871,8 +878,10 @@ def anchor_batch(anchor, cfg: TrainConfig, step: int, k: int, world_size: int, r
     """This process's share of the data-anchoring batch of optimizer step k of RL step ``step``:
     (x0, cond, t, eps) drawn for all processes from one generator, then split. ``anchor`` is
     (x0, cond) of the domain's data, with the domain's ``couple`` (pairing each sample with its
-    noise, as in pretraining) as an optional third item."""
+    noise, as in pretraining) as an optional third item and its structure loss (or None) as an
+    optional fourth, passed on as a fifth."""
     x0_all, cond_all, *couple = anchor
+    couple, structure = (couple + [None, None])[:2]
     g = step_generator(cfg.seed, step, stream=50_000 + k)
     M = cfg.loss.anchor_batch
     idx = torch.randint(0, x0_all.shape[0], (M,), generator=g)
@@ -880,9 +889,9 @@ def anchor_batch(anchor, cfg: TrainConfig, step: int, k: int, world_size: int, r
     eps = torch.randn((M, *x0_all.shape[1:]), generator=g)
     part = torch.arange(M).tensor_split(world_size)[rank]
     x0, cond = x0_all[idx[part]], index_cond(cond_all, idx[part])
-    if couple:
-        x0 = couple[0](x0, eps[part], cond)
-    return x0, cond, t[part], eps[part]
+    if couple is not None:
+        x0 = couple(x0, eps[part], cond)
+    return (x0, cond, t[part], eps[part]) + ((structure,) if structure is not None else ())
 
 
 def optimizer_step_on(chunk, filler, policy, optimizer, accelerator, rollout, advantages, old_log_probs,
@@ -905,14 +914,19 @@ def optimizer_step_on(chunk, filler, policy, optimizer, accelerator, rollout, ad
     finite = True
     if anchor is not None and cfg.loss.anchor_weight > 0:
         with accelerator.no_sync(policy.model):
-            x0, cond, t, eps = (cond_to(a, device) for a in anchor)
+            x0, cond, t, eps = (cond_to(a, device) for a in anchor[:4])
             tb = t.reshape(-1, *([1] * (x0.dim() - 1)))
-            v = policy.velocity((1 - tb) * x0 + tb * eps, t, cond)
+            x_t = (1 - tb) * x0 + tb * eps
+            v = policy.velocity(x_t, t, cond)
             per = ((v.float() - (eps - x0).float()) ** 2).reshape(len(x0), -1).mean(dim=1)
+            stats.setdefault("anchor", []).append(float(per.detach().mean()))
+            if len(anchor) > 4:  # pretraining's structure term, on the clean sample the velocity implies
+                structure = anchor[4](x_t - tb * v, x0, cond).float()
+                stats.setdefault("anchor_structure", []).append(float(structure.detach().mean()))
+                per = per + cfg.loss.anchor_structure_weight * structure
             total = per.sum() * cfg.loss.anchor_weight * accelerator.num_processes / cfg.loss.anchor_batch
             finite = bool(torch.isfinite(total))
             accelerator.backward(total if finite else per.nan_to_num(0.0).sum() * 0.0)
-            stats.setdefault("anchor", []).append(float(per.detach().mean()))
     for m, micro in enumerate(micro_batches):
         last = m == len(micro_batches) - 1
         uncounted = policy.counter.counting(None) if len(chunk) == 0 and policy.counter is not None else _null()
