@@ -61,6 +61,24 @@ def _padding(n):
     return np.tile(sentinel(torch.zeros(1)).numpy(), (n, 1))
 
 
+def test_structure_loss_is_the_distance_error_and_blind_to_rigid_motions(domain):
+    # water: O-H 0.96 A, H-O-H 104.5 degrees; padding rows count for nothing
+    pos = np.array([[0, 0, 0], [0.96, 0, 0], [0.96 * math.cos(1.824), 0.96 * math.sin(1.824), 0]])
+    x0 = torch.from_numpy(encode(np.array([O, H, H]), pos))[None]
+    cond = torch.tensor([[3.0, 1.0]])
+    c, s_ = math.cos(0.7), math.sin(0.7)
+    moved = x0.clone()
+    moved[0, :3, :3] = x0[0, :3, :3] @ torch.tensor([[c, -s_, 0], [s_, c, 0], [0, 0, 1.0]]) + torch.tensor([1.0, -2.0, 0.5])
+    moved[0, 3:, :3] += 5.0  # padding anywhere
+    assert float(domain.structure_loss(moved, x0, cond)[0]) < 1e-10
+    stretched = x0.clone()
+    stretched[0, 1, :3] += torch.tensor([0.2, 0.0, 0.0])  # one O-H bond 0.96 -> 1.16 A
+    h_h = float(np.linalg.norm(pos[2] - pos[1]))
+    h_h_new = float(np.linalg.norm(pos[2] - pos[1] - [0.2, 0, 0]))
+    expected = 2 * (0.2**2 + (h_h_new - h_h) ** 2) / 6  # the 6 ordered pairs: O-H1 and H1-H2 changed
+    assert abs(float(domain.structure_loss(stretched, x0, cond)[0]) - expected) < 1e-6
+
+
 # ----------------------------------------------------------------------------- bonds and decoding
 def test_bond_orders_follow_the_distance_tables():
     types = np.array([C, C])
