@@ -43,8 +43,9 @@ class CrystalsDomain(Domain):
     # first base, domains/crystals/base) never did (benchmarks/crystals/README.md, "Where the atoms go"),
     # with attention-weighted messages (4 heads), which collide fewer atoms of one element than their
     # mean (base-x0): 66 -> 79 % valid, proxy stable 31 -> 52 %; 6 layers in place of 4 and twice the
-    # pretraining (base-deep): 81 -> 87 % valid, proxy stable 51 -> 61 % on 10 steps
-    coupling, predict, heads, depth, base_folder = "geodesic", "x0", 4, 6, "base-deep"
+    # pretraining (base-deep): 81 -> 87 % valid, proxy stable 51 -> 61 % on 10 steps; a third cycle with
+    # the distance loss (structure_loss, --structure-weight 0.2; base-struct): 96 % valid, 70 % stable
+    coupling, predict, heads, depth, base_folder = "geodesic", "x0", 4, 6, "base-struct"
 
     def __init__(self, gen: GenConfig | None = None, copies: int = 4, width: int = 64, depth: int | None = None,
                  sevenn: bool = True, distance_rbf: int = 0, relax_samples: int = 0, coupling: str | None = None,
@@ -176,7 +177,9 @@ class CrystalsDomain(Domain):
                 # e-grpo's entropy threshold is absolute and a step's entropy is log(noise) + const, so at
                 # noise 0.3 its 0.3 merged all 10 steps into one; 0.3 + log(0.3 / 0.7) merges the steps as
                 # 0.3 did at noise 0.7 (blocks 1,1,1,1,2,3)
-                "sampler.merge_entropy": -0.55}
+                "sampler.merge_entropy": -0.55,
+                # anchoring as base-struct was pretrained: flow matching plus 0.2 x the distance loss
+                "loss.anchor_structure_weight": 0.2}
 
     # ------------------------------------------------------------------ objects
     def decode(self, x: torch.Tensor) -> list:
@@ -217,7 +220,7 @@ class CrystalsVelocityDomain(CrystalsDomain):
 
     def train_defaults(self) -> dict:
         return {**super().train_defaults(), "sampler.noise_level": 0.7, "optim.lr": 3e-4, "loss.anchor_weight": 0.0,
-                "sampler.merge_entropy": 0.3}
+                "loss.anchor_structure_weight": 0.0, "sampler.merge_entropy": 0.3}
 
     def default_rewards(self) -> dict[str, float]:
         # with a smooth shortest-distance term: a base that never found sites has near misses to push apart

@@ -410,11 +410,12 @@ def test_a_base_brings_its_coupling_so_anchoring_pairs_as_it_was_pretrained():
 def test_default_model_is_the_shipped_bases_so_pretrain_remakes_them():
     import inspect
 
+    from flowcoach.core.algorithms import train_config
     from flowcoach.core.registry import FlowcoachError
 
     defaults = {k: p.default for k, p in inspect.signature(CrystalVelocity).parameters.items()}
     defaults["coupling"] = "independent"  # a model.json from before couplings were recorded
-    for d, folder in ((CrystalsDomain(sevenn=False), "base-deep"), (CrystalsVelocityDomain(sevenn=False), "base"),
+    for d, folder in ((CrystalsDomain(sevenn=False), "base-struct"), (CrystalsVelocityDomain(sevenn=False), "base"),
                       (CrystalsDNGDomain(sevenn=False), "base-dng")):
         assert d.base_checkpoint().name == folder
         shipped = json.loads((d.base_checkpoint() / "model.json").read_text())["model_config"]
@@ -422,10 +423,19 @@ def test_default_model_is_the_shipped_bases_so_pretrain_remakes_them():
         made = json.loads((d.base_checkpoint() / "base.json").read_text())
         for key, value in d.pretrain_defaults().items():
             assert made["config"].get(key) == value, (folder, key)
-    # base-deep is the defaults twice: from scratch, then --init-from that base with the same flags
-    deep = json.loads((CrystalsDomain(sevenn=False).base_checkpoint() / "base.json").read_text())
+    # base-struct is the defaults three times: from scratch, then --init-from that base with the same flags
+    # (base-deep), then --init-from base-deep with the distance loss at the weight RL's anchoring repeats
+    shipped = CrystalsDomain(sevenn=False).base_checkpoint()
+    struct = json.loads((shipped / "base.json").read_text())
+    deep = struct["init_from_record"]
+    assert deep == json.loads((shipped.parent / "base-deep" / "base.json").read_text())
     again = deep["init_from_record"]["command"].replace(" --steps", f" --init-from {deep['config']['init_from']} --steps")
     assert again.split(" --output ")[0] == deep["command"].split(" --output ")[0]
+    third = struct["command"].split(" --output ")[0]
+    assert third == (deep["command"].split(" --output ")[0].replace("variants:GeodesicX0AttentionDeep", "crystals")
+                     .replace(f"--init-from {deep['config']['init_from']}", "--init-from domains/crystals/base-deep")
+                     + " --structure-weight 0.2")
+    assert struct["config"]["structure_weight"] == train_config("crystals").loss.anchor_structure_weight == 0.2
     with pytest.raises(FlowcoachError, match="choose one of independent, nearest, geodesic"):
         CrystalsDomain(coupling="ot")
     with pytest.raises(FlowcoachError, match="choose velocity or x0"):
@@ -439,11 +449,13 @@ def test_rl_recipes_are_the_benchmarked_ones():
 
     x0 = train_config("crystals")
     assert (x0.optim.lr, x0.loss.anchor_weight, x0.sampler.noise_level, x0.sampler.sde_window_size) == (1e-4, 0.1, 0.3, 3)
+    assert x0.loss.anchor_structure_weight == 0.2
     rewards = CrystalsDomain(sevenn=False).default_rewards()
     assert "crystal-distance" not in rewards
     for cls in (CrystalsVelocityDomain, CrystalsDNGDomain):
         first = train_config(f"flowcoach.domains.crystals:{cls.__name__}")
         assert (first.optim.lr, first.loss.anchor_weight, first.sampler.noise_level) == (3e-4, 0.0, 0.7)
+        assert first.loss.anchor_structure_weight == 0.0  # no anchoring, so no term of it
         assert cls(sevenn=False).default_rewards() == {**rewards, "crystal-distance": 2.0}
 
 
@@ -482,7 +494,8 @@ def test_pretrain_and_evaluate_run_on_cpu(domain, tmp_path):
 @pytest.mark.parametrize("folder,figures", [("base", ("struct_valid",)),
                                             ("base-x0", ("struct_valid", "proxy_stable_rate", "csp_match_rate")),
                                             ("base-attn", ("struct_valid", "proxy_stable_rate", "csp_match_rate")),
-                                            ("base-deep", ("struct_valid", "proxy_stable_rate", "csp_match_rate"))])
+                                            ("base-deep", ("struct_valid", "proxy_stable_rate", "csp_match_rate")),
+                                            ("base-struct", ("struct_valid", "proxy_stable_rate", "csp_match_rate"))])
 def test_shipped_base_meets_its_recorded_figures(folder, figures):
     from flowcoach.core.checkpoint import load_base
     from flowcoach.core.trainer import evaluate_model
@@ -523,20 +536,22 @@ def test_shipped_x0_base_puts_training_perovskites_on_their_sites():
 
 def test_attention_base_collides_fewer_atoms_than_mean_messages():
     """base-attn's claim over base-x0 (benchmarks/crystals/README.md): the same flow and data with
-    attention-weighted messages put fewer atoms on top of each other on the 10-step ODE; and base-deep's
-    over base-attn (6 layers, twice the pretraining): fewer still."""
+    attention-weighted messages put fewer atoms on top of each other on the 10-step ODE; base-deep's
+    over base-attn (6 layers, twice the pretraining): fewer still; and base-struct's over base-deep (a
+    third cycle with the distance loss): fewer again."""
     from flowcoach.core.checkpoint import load_base
     from flowcoach.core.trainer import generate
 
     d = CrystalsDomain(sevenn=False)
     cond = d.eval_conditions(200)
     valid = {}
-    for folder in ("base-x0", "base-attn", "base-deep"):
+    for folder in ("base-x0", "base-attn", "base-deep", "base-struct"):
         model, _ = load_base(d, d.base_checkpoint().parent / folder)
         structures = d.decode(generate(model.eval(), d, cond, num_steps=10, seed=3))
         valid[folder] = np.mean([s is not None and physics.structure_ok(s) for s in structures])
     assert valid["base-attn"] > valid["base-x0"] + 0.05, valid
     assert valid["base-deep"] > valid["base-attn"] + 0.03, valid
+    assert valid["base-struct"] > valid["base-deep"] + 0.04, valid
 
 
 def test_a_structure_chgnet_refuses_scores_the_floor_and_is_counted(nacl_hull):
