@@ -94,9 +94,9 @@ class Domain(ABC):
         step to t = 0 lands), against its data sample x0: the pretraining's ``--structure-weight`` term.
 
         Flow matching's squared error is minimised by the posterior mean, which averages the objects a
-        noisy state may become; a loss on what the samples must satisfy (e.g. the distances between
-        atoms, which do not depend on which of two like atoms goes where) asks the model to commit to
-        one. Default: None, the domain has none.
+        noisy state may become; a loss on what the samples must satisfy (e.g. interatomic distances:
+        two like atoms' distance does not depend on which takes which site, while their average puts
+        both on one) asks the model to commit to one. Default: None, the domain has none.
         """
         return None
 

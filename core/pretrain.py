@@ -131,7 +131,8 @@ def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) ->
             ema.step(model.parameters())
         losses = [*losses[-99:], loss.item()]  # the last 100, for the reported loss
         if (step + 1) % max(1, cfg.steps // 10) == 0:
-            say(f"  step {step + 1}/{cfg.steps}  flow-matching loss {sum(losses) / len(losses):.4f}")
+            what = "flow-matching loss" if not cfg.structure_weight else f"flow-matching + {cfg.structure_weight} x structure loss"
+            say(f"  step {step + 1}/{cfg.steps}  {what} {sum(losses) / len(losses):.4f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             wall, cpu = wall_before + time.perf_counter() - start, cpu_before + time.process_time() - cpu_start
             partial = {"partial": True, "step": step + 1, "config": asdict(cfg),

@@ -144,7 +144,7 @@ class CrystalsDomain(Domain):
         # crystal's ordered atom pairs, both under the data's lattice. Where flow matching cannot tell
         # which of two like atoms takes which site, its posterior mean puts both between the two; their
         # distance is the same either way, and this loss asks for it (two like atoms on one site are
-        # most of base-deep's collisions)
+        # over half of base-deep's collisions)
         real = (torch.as_tensor(cond) > 0).to(x0.device)
         pairs = (real[:, :, None] & real[:, None]).float() * (1 - torch.eye(N_MAX, device=x0.device))
         lattice = lattice_matrix(x0[:, N_MAX, :6])
