@@ -119,6 +119,14 @@ class Domain(ABC):
         return {}
 
 
+def structure_loss_of(domain: Domain, flag: str):
+    """The domain's ``structure_loss`` for a run that sets ``flag``; refused where it has none (it does
+    not override ``Domain.structure_loss``)."""
+    if type(domain).structure_loss is Domain.structure_loss:
+        raise FlowcoachError(f"the {domain.name} domain has no structure loss; drop {flag}")
+    return domain.structure_loss
+
+
 def get_domain(name: str) -> Domain:
     cls = DOMAINS.get(name)
     domain = cls() if isinstance(cls, type) else cls

@@ -102,6 +102,13 @@ def flow_matching_loss(velocity, x0: torch.Tensor, cond, generator: torch.Genera
     return loss
 
 
+def pair_distance_error(dist_hat: torch.Tensor, dist: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """[B] mean squared error of the distances [B, N, N] over the ordered pairs of real atoms (real [B, N]):
+    the structure loss of the atom domains (``Domain.structure_loss``)."""
+    pairs = (real[:, :, None] & real[:, None]).float() * (1 - torch.eye(real.shape[1], device=real.device))
+    return ((dist_hat - dist) ** 2 * pairs).sum((1, 2)) / pairs.sum((1, 2)).clamp_min(1.0)
+
+
 def ratio_norm_log_ratio(log_prob, old_log_prob, mean, old_mean, std, reduction: str = "mean") -> torch.Tensor:
     """GRPO-Guard's RatioNorm (arXiv 2510.22319, as verl-omni's GRPOGuardLoss writes it):
     (log r + KL(old || new)) * std.

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 
 from flowcoach.core.checkpoint import PRETRAIN_STATE, load_base, save_base
-from flowcoach.core.domain import Domain, get_domain
+from flowcoach.core.domain import Domain, get_domain, structure_loss_of
 from flowcoach.core.losses import flow_matching_loss, flow_times
 from flowcoach.core.registry import FlowcoachError
 from flowcoach.core.sampling.rollout import index_cond
@@ -82,9 +82,7 @@ def pretrain(cfg: PretrainConfig, domain: Domain | None = None, console=None) ->
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     x0, cond = domain.data("train")
-    structure = domain.structure_loss if cfg.structure_weight else None
-    if structure is not None and structure(x0[:1], x0[:1], index_cond(cond, torch.arange(1))) is None:
-        raise FlowcoachError(f"the {domain.name} domain has no structure loss; drop --structure-weight")
+    structure = structure_loss_of(domain, "--structure-weight") if cfg.structure_weight else None
     if cfg.ema_decay < 0 or cfg.ema_decay >= 1 or cfg.save_every < 0:
         raise FlowcoachError("pretrain needs 0 <= ema_decay < 1 and save_every >= 0")
     if cfg.init_from:  # the base's weights and its model config

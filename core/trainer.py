@@ -22,7 +22,7 @@ import torch
 from flowcoach.core.checkpoint import (clean_stale, list_checkpoints, load_base, load_checkpoint, load_old_state,
                                        save_checkpoint)
 from flowcoach.core.config import TrainConfig, load_yaml, save_yaml
-from flowcoach.core.domain import Domain, get_domain
+from flowcoach.core.domain import Domain, get_domain, structure_loss_of
 from flowcoach.core.losses import (clipped_ratio_loss, flow_times, fm_log_likelihood, kl_to_reference, nft_loss,
                                    nft_optimality, ratio_norm_log_ratio, velocity_kl)
 from flowcoach.core.policy import FlowPolicy, ForwardCounter, unwrap
@@ -560,9 +560,7 @@ def train(cfg: TrainConfig, domain: Domain | None = None, console=None) -> Path:
     anchor = None
     if cfg.loss.anchor_weight > 0:
         x0, anchor_cond = domain.data("train")
-        structure = domain.structure_loss if cfg.loss.anchor_structure_weight else None
-        if structure is not None and structure(x0[:1], x0[:1], index_cond(anchor_cond, torch.arange(1))) is None:
-            raise FlowcoachError(f"the {domain.name} domain has no structure loss; drop loss.anchor_structure_weight")
+        structure = structure_loss_of(domain, "loss.anchor_structure_weight") if cfg.loss.anchor_structure_weight else None
         anchor = (x0.float(), anchor_cond, domain.couple, structure)
 
     # skipped_*: RL steps with non-finite rewards (no update) and optimizer steps with a non-finite loss,

@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 
 from flowcoach.core.domain import Domain
+from flowcoach.core.losses import pair_distance_error
 from flowcoach.core.registry import FlowcoachError
 from flowcoach.domains.crystals import physics, torus
 from flowcoach.domains.crystals.data import FEATURES, N_MAX, GenConfig, composition_tensor, encode, load_dataset, split
 from flowcoach.domains.crystals.decode import decode, save_structures
 from flowcoach.domains.crystals.evaluate import evaluate_structures
-from flowcoach.domains.crystals.model import CrystalVelocity, lattice_matrix
+from flowcoach.domains.crystals.model import CrystalVelocity, displacement_lengths
 
 
 COUPLINGS = ("independent", "nearest", "geodesic")
@@ -145,12 +146,9 @@ class CrystalsDomain(Domain):
         # which of two like atoms takes which site, its posterior mean puts both between the two; their
         # distance is the same either way, and this loss asks for it (two like atoms on one site are
         # over half of base-deep's collisions)
-        real = (torch.as_tensor(cond) > 0).to(x0.device)
-        pairs = (real[:, :, None] & real[:, None]).float() * (1 - torch.eye(N_MAX, device=x0.device))
-        lattice = lattice_matrix(x0[:, N_MAX, :6])
-        dist = [torch.einsum("bijk,bkl->bijl", torus.periodic_displacement(f[:, :, None], f[:, None]), lattice)
-                .pow(2).sum(-1).add(1e-8).sqrt() for f in (torus.wrap(x0_hat[:, :N_MAX, :3]), torus.wrap(x0[:, :N_MAX, :3]))]
-        return ((dist[0] - dist[1]) ** 2 * pairs).sum((1, 2)) / pairs.sum((1, 2)).clamp_min(1.0)
+        dist = [displacement_lengths(torus.periodic_displacement(f[:, :, None], f[:, None]), x0[:, N_MAX, :6])
+                for f in (torus.wrap(x0_hat[:, :N_MAX, :3]), torus.wrap(x0[:, :N_MAX, :3]))]
+        return pair_distance_error(*dist, (torch.as_tensor(cond) > 0).to(x0.device))
 
     def base_checkpoint(self) -> Path | None:
         path = Path(__file__).parent / self.base_folder

@@ -73,6 +73,12 @@ def lattice_matrix(features: torch.Tensor) -> torch.Tensor:
     return rows * lengths[..., None]
 
 
+def displacement_lengths(d: torch.Tensor, lattice: torch.Tensor) -> torch.Tensor:
+    """[B, N, N, 3] fractional displacements -> [B, N, N] lengths (Å) under the lattice channels [B, 6]."""
+    cart = torch.einsum("bijk,bkl->bijl", d, lattice_matrix(lattice))
+    return (cart.pow(2).sum(-1) + 1e-8).sqrt()
+
+
 class Layer(nn.Module):
     def __init__(self, width: int, edge_dim: int, heads: int = 0):
         super().__init__()
@@ -155,8 +161,7 @@ class CrystalVelocity(nn.Module):
         d = torus.periodic_displacement(frac[:, :, None], frac[:, None])  # [B, N, N, 3]
         edge = torus.fourier_features(d, self.harmonics)
         if self.distance_rbf:
-            cart = torch.einsum("bijk,bkl->bijl", d, lattice_matrix(lattice))
-            dist = (cart.pow(2).sum(-1) + 1e-8).sqrt()
+            dist = displacement_lengths(d, lattice)
             width = self.cutoff / self.distance_rbf
             edge = torch.cat([edge, torch.exp(-(((dist[..., None] - self.centres) / width) ** 2))], dim=-1)
         pair_mask = (real[:, :, None] & real[:, None]).float()

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from flowcoach.core.domain import Domain
+from flowcoach.core.losses import pair_distance_error
 from flowcoach.domains.molecules.data import FEATURES, N_MAX, align_to_noise, build_split
 from flowcoach.domains.molecules.decode import decode, save_molecules
 from flowcoach.domains.molecules.evaluate import FCD_MIN_VALID, FCD_REFERENCE_SIZE, canonical, evaluate_molecules
@@ -91,10 +92,8 @@ class MoleculesDomain(Domain):
         # molecule's ordered atom pairs: the bond lengths EDM's valence rules read, which the estimate
         # of flow matching alone spreads 9x wider than QM9's (benchmarks/molecules, "Where the
         # instability comes from"); distances do not change under the rotation the coupling picks
-        real = atom_mask(torch.as_tensor(cond).to(x0.device), x0.shape[1])
-        pairs = (real[:, :, None] & real[:, None]).float() * (1 - torch.eye(x0.shape[1], device=x0.device))
         dist = [torch.cdist(x[..., :3], x[..., :3]) for x in (x0_hat, x0)]
-        return ((dist[0] - dist[1]) ** 2 * pairs).sum((1, 2)) / pairs.sum((1, 2)).clamp_min(1.0)
+        return pair_distance_error(*dist, atom_mask(torch.as_tensor(cond).to(x0.device), x0.shape[1]))
 
     def base_checkpoint(self) -> Path | None:
         # base-18k: the 8,000-step base/ (pretrain_defaults) pretrained 10,000 steps further (its base.json)
