@@ -14,6 +14,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
 from datetime import datetime
 from pathlib import Path
 
@@ -561,7 +562,7 @@ def train(cfg: TrainConfig, domain: Domain | None = None, console=None) -> Path:
     if cfg.loss.anchor_weight > 0:
         x0, anchor_cond = domain.data("train")
         structure = structure_loss_of(domain, "loss.anchor_structure_weight") if cfg.loss.anchor_structure_weight else None
-        anchor = (x0.float(), anchor_cond, domain.couple, structure)
+        anchor = AnchorData(x0.float(), anchor_cond, domain.couple, structure)
 
     # skipped_*: RL steps with non-finite rewards (no update) and optimizer steps with a non-finite loss,
     # over the whole run (checkpoints keep the totals, so a resumed run counts on)
@@ -872,33 +873,48 @@ def step_advantages(policy, domain, cfg: TrainConfig, rollout: Rollout, sample_o
     return adv, keep, gate, info
 
 
-def anchor_batch(anchor, cfg: TrainConfig, step: int, k: int, world_size: int, rank: int):
+class AnchorData(NamedTuple):
+    """What data anchoring draws from: the domain's training data, how the domain pairs a sample with
+    its noise (``Domain.couple``, as in pretraining; None: unchanged) and its structure loss (None: no
+    structure term)."""
+    x0: torch.Tensor
+    cond: Any
+    couple: Callable | None = None
+    structure: Callable | None = None
+
+
+class AnchorBatch(NamedTuple):
+    """One optimizer step's anchoring batch (this process's share) and the structure loss to add."""
+    x0: torch.Tensor
+    cond: Any
+    t: torch.Tensor
+    eps: torch.Tensor
+    structure: Callable | None = None
+
+
+def anchor_batch(anchor: AnchorData, cfg: TrainConfig, step: int, k: int, world_size: int, rank: int) -> AnchorBatch:
     """This process's share of the data-anchoring batch of optimizer step k of RL step ``step``:
-    (x0, cond, t, eps) drawn for all processes from one generator, then split. ``anchor`` is
-    (x0, cond) of the domain's data, with the domain's ``couple`` (pairing each sample with its
-    noise, as in pretraining) as an optional third item and its structure loss (or None) as an
-    optional fourth, passed on as a fifth."""
-    x0_all, cond_all, *couple = anchor
-    couple, structure = (couple + [None, None])[:2]
+    (x0, cond, t, eps) drawn for all processes from one generator, then split."""
+    anchor = AnchorData(*anchor)
     g = step_generator(cfg.seed, step, stream=50_000 + k)
     M = cfg.loss.anchor_batch
-    idx = torch.randint(0, x0_all.shape[0], (M,), generator=g)
+    idx = torch.randint(0, anchor.x0.shape[0], (M,), generator=g)
     t = flow_times(M, g, cfg.loss.anchor_time_sampling, cfg.loss.anchor_logit_mean, cfg.loss.anchor_logit_std)
-    eps = torch.randn((M, *x0_all.shape[1:]), generator=g)
+    eps = torch.randn((M, *anchor.x0.shape[1:]), generator=g)
     part = torch.arange(M).tensor_split(world_size)[rank]
-    x0, cond = x0_all[idx[part]], index_cond(cond_all, idx[part])
-    if couple is not None:
-        x0 = couple(x0, eps[part], cond)
-    return (x0, cond, t[part], eps[part]) + ((structure,) if structure is not None else ())
+    x0, cond = anchor.x0[idx[part]], index_cond(anchor.cond, idx[part])
+    if anchor.couple is not None:
+        x0 = anchor.couple(x0, eps[part], cond)
+    return AnchorBatch(x0, cond, t[part], eps[part], anchor.structure)
 
 
 def optimizer_step_on(chunk, filler, policy, optimizer, accelerator, rollout, advantages, old_log_probs,
-                      cfg: TrainConfig, stats: dict, gate=None, anchor=None) -> float | None:
+                      cfg: TrainConfig, stats: dict, gate=None, anchor: AnchorBatch | None = None) -> float | None:
     """One optimizer step over the pairs of ``chunk`` (micro-batched, gradients accumulated).
 
     The loss is the mean over the chunk's pairs on all processes together, so the update is the
     same for any number of processes. A process with no pair still runs one zero-weighted forward
-    (of ``filler``) so DDP's collectives stay in step. ``anchor`` adds loss.anchor_weight x the
+    (of ``filler``) so DDP's collectives stay in step. ``anchor`` (an AnchorBatch) adds loss.anchor_weight x the
     flow-matching loss on a batch of real data (mean over the whole batch, all processes). Returns
     the gradient norm, nan when a non-finite loss or gradient made every process skip the step, or
     None when no process had a pair.
@@ -918,8 +934,8 @@ def optimizer_step_on(chunk, filler, policy, optimizer, accelerator, rollout, ad
             v = policy.velocity(x_t, t, cond)
             per = ((v.float() - (eps - x0).float()) ** 2).reshape(len(x0), -1).mean(dim=1)
             stats.setdefault("anchor", []).append(float(per.detach().mean()))
-            if len(anchor) > 4:  # pretraining's structure term, on the clean sample the velocity implies
-                structure = anchor[4](x_t - tb * v, x0, cond).float()
+            if anchor.structure is not None:  # pretraining's structure term, on the clean sample the velocity implies
+                structure = anchor.structure(x_t - tb * v, x0, cond).float()
                 stats.setdefault("anchor_structure", []).append(float(structure.detach().mean()))
                 per = per + cfg.loss.anchor_structure_weight * structure
             total = per.sum() * cfg.loss.anchor_weight * accelerator.num_processes / cfg.loss.anchor_batch
