@@ -13,6 +13,7 @@ CHGNet's prediction is not finite) a defined floor value and counts it in ``info
 | crystal-force | -max CHGNet force norm (eV/Å), clipped to [-5, 0] | -5 |
 | crystal-stable | 1 if the proxy E_hull <= 0.1 eV/atom, else 0 | 0 |
 | crystal-volume | 0 inside the composition's volume band, else -(distance of ln V to the band), clipped to [-5, 0] | -5 |
+| crystal-volume-ref | -abs(ln V / V_ref): V_ref the volume of the training crystals of the same formula (else the fitted expectation), clipped to [-5, 0] | -5 |
 | crystal-distance | 0 when no two atoms are closer than 1.1 Å, else -(1.1 - d_min) / 0.6 (so >= -1.83) | -2 |
 
 crystal-volume is the guard against the hack seen in the first RL runs: a policy whose structures
@@ -37,6 +38,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from flowcoach.core.registry import FlowcoachError
 from flowcoach.domains.crystals import physics
 
 ENERGY_FLOOR, EHULL_FLOOR, FORCE_FLOOR = -5.0, -5.0, -5.0
@@ -121,6 +123,25 @@ def volume(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
         outside += gap > 0
         scores.append(float(max(-gap, -5.0)))
     return torch.tensor(scores, dtype=torch.float32), {"invalid": outside}
+
+
+def volume_reference(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
+    """-|ln(V / V_ref)|: crystal-volume's band holds 95 % of the training crystals, so a policy may swell
+    every cell by 10 % inside it (RL on a mid-trajectory SDE window did, benchmarks/crystals); this term
+    sees any swelling, against the training crystals of the sample's own formula where there are some.
+    Needs the domain's volume model (refused without one)."""
+    model = physics.volume_model()
+    if model is None:
+        raise FlowcoachError("crystal-volume-ref needs the crystals domain's volume model; use it with the crystals domain")
+    scores, off = [], 0
+    for s in objects:
+        ref = model.reference(s.composition) if s is not None and len(s) else None
+        if ref is None or not np.isfinite(s.volume) or s.volume <= 0:
+            scores.append(-5.0)
+            off += 1
+            continue
+        scores.append(float(max(-abs(np.log(s.volume / ref)), -5.0)))
+    return torch.tensor(scores, dtype=torch.float32), {"invalid": off}
 
 
 DISTANCE_TARGET = 1.1  # Å: below every training crystal's shortest distance (1.14 Å)

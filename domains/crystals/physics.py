@@ -225,6 +225,11 @@ class VolumeModel:
         ratio = np.log(volumes / np.maximum(counts @ per_element, 1e-9))
         tail = (1.0 - coverage) / 2
         self.band = (float(np.quantile(ratio, tail)), float(np.quantile(ratio, 1.0 - tail)))
+        # the reference crystals' own volume per atom, by reduced formula (mean over its polymorphs)
+        per_atom: dict[str, list] = {}
+        for s in structures:
+            per_atom.setdefault(s.composition.reduced_formula, []).append(s.volume / len(s))
+        self.known = {f: float(np.mean(v)) for f, v in per_atom.items()}
 
     def expected(self, composition) -> float | None:
         """Expected volume (Å^3) of a cell of this composition, or None for an element never seen."""
@@ -232,6 +237,12 @@ class VolumeModel:
             return None
         v = sum(n * self.volumes[el.symbol] for el, n in composition.items())
         return float(v) if v > 0 else None
+
+    def reference(self, composition) -> float | None:
+        """Volume (Å^3) of a cell of this composition as the reference crystals of its formula have it
+        (their mean volume per atom), else the fitted expectation (None for an element never seen)."""
+        known = self.known.get(composition.reduced_formula)
+        return known * composition.num_atoms if known is not None else self.expected(composition)
 
 
 _VOLUME_MODEL: list = []

@@ -593,6 +593,38 @@ def test_volume_window_penalises_swollen_and_crushed_cells():
     assert scores[1] == pytest.approx(-np.log(10.0)) and scores[2] == pytest.approx(-np.log(2.0))
 
 
+def test_volume_reference_reward_sees_a_ten_percent_swelling_against_the_formulas_own_crystals():
+    from flowcoach.core.registry import FlowcoachError
+    from flowcoach.rewards.crystals import volume, volume_reference
+
+    # two NaCl polymorphs (40 and 50 Å^3 per atom: the reference is their mean, 45) and a KBr cell
+    def cell(species, v_per_atom, sites=((0, 0, 0), (0.5, 0.5, 0.5))):
+        return Structure(Lattice.cubic((v_per_atom * len(species)) ** (1 / 3)), species, [list(p) for p in sites])
+
+    refs = [cell(["Na", "Cl"], 40.0), cell(["Na", "Cl"], 50.0), cell(["K", "Br"], 60.0),
+            cell(["Na", "Br"], 50.0), cell(["K", "Cl"], 50.0)]
+    with pytest.raises(FlowcoachError, match="volume model"):
+        physics.use_volume_model(None)
+        volume_reference([refs[0]], None)
+    model = physics.VolumeModel(refs)
+    assert model.known["NaCl"] == pytest.approx(45.0) and model.known["KBr"] == pytest.approx(60.0)
+    physics.use_volume_model(model)
+    try:
+        doubled = cell(["Na", "Na", "Cl", "Cl"], 45.0 * 1.1, ((0, 0, 0), (0.5, 0.5, 0), (0.5, 0.5, 0.5), (0, 0, 0.5)))
+        unseen = cell(["K", "Na", "Cl", "Cl"], 50.0, ((0, 0, 0), (0.5, 0.5, 0), (0.5, 0.5, 0.5), (0, 0, 0.5)))
+        scores, info = volume_reference([cell(["Na", "Cl"], 45.0), doubled, cell(["K", "Br"], 30.0), unseen, None], None)
+        # the formula's mean volume per atom times the atom count, whatever the cell's size
+        assert scores[0] == pytest.approx(0.0, abs=1e-6) and scores[1] == pytest.approx(-np.log(1.1), abs=1e-6)
+        assert scores[2] == pytest.approx(-np.log(2.0), abs=1e-6)
+        # a formula with no reference crystal: the fitted per-element volumes' expectation
+        assert scores[3] == pytest.approx(-abs(np.log(unseen.volume / model.expected(unseen.composition))), abs=1e-6)
+        assert scores[4] == -5.0 and info == {"invalid": 1}
+        # crystal-volume's band, fitted on the same crystals, lets the 10 % swelling through
+        assert volume([doubled], None)[0][0] == 0.0
+    finally:
+        physics.use_volume_model(None)
+
+
 def test_distance_reward_is_zero_past_the_target_minus_one_at_the_gate_and_floored():
     from flowcoach.rewards.crystals import distance
 
