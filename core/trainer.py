@@ -14,9 +14,9 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
 from datetime import datetime
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -895,7 +895,6 @@ class AnchorBatch(NamedTuple):
 def anchor_batch(anchor: AnchorData, cfg: TrainConfig, step: int, k: int, world_size: int, rank: int) -> AnchorBatch:
     """This process's share of the data-anchoring batch of optimizer step k of RL step ``step``:
     (x0, cond, t, eps) drawn for all processes from one generator, then split."""
-    anchor = AnchorData(*anchor)
     g = step_generator(cfg.seed, step, stream=50_000 + k)
     M = cfg.loss.anchor_batch
     idx = torch.randint(0, anchor.x0.shape[0], (M,), generator=g)

@@ -7,7 +7,7 @@ On the held-out compositions (each twice, with two draws of the initial noise; 1
 structural validity (the evaluator's ``physics.structure_ok``; no CHGNet) of:
 - the ODE, by the initial noise's closest atom pair (periodic, fractional, times the cube root of the
   atom count so a value of ~0.5 is a typical neighbour): whether the noise decides the collisions;
-- the flow SDE (noise 0.3 on every step) from the same initial noise, three draws: how many of the ODE's
+- the flow SDE (--noise-level, 0.3, on every step) from the same initial noise, three draws: how many of the ODE's
   collided samples a little noise on the way undoes;
 - the flow SDE on one window of times (t_min, t_max], ODE elsewhere (the ``--sde-*`` flags of
   evaluate_models.py and `flowcoach eval`), for each window of --windows: where the noise must be.
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from flowcoach.core.checkpoint import load_trained
+from flowcoach.core.sampling.sampler import sample, time_grid
 from flowcoach.core.trainer import generate
 from flowcoach.domains.crystals import CrystalsDomain, physics, torus
 from flowcoach.domains.crystals.data import N_MAX
@@ -66,9 +67,9 @@ def main() -> None:
     cond = domain.eval_conditions(args.num_conditions).repeat(2, 1)
     cpu = time.process_time()
 
-    def run(noise=0.0, t_min=0.0, t_max=1.0, seed=args.seed):
+    def run(noise=0.0, t_min=0.0, t_max=1.0):
         with torch.no_grad():
-            return valid(domain, generate(model, domain, cond, 10, seed=seed, sde_noise_level=noise,
+            return valid(domain, generate(model, domain, cond, 10, seed=args.seed, sde_noise_level=noise,
                                           sde_t_min=t_min, sde_t_max=t_max))
 
     ode = run()
@@ -105,8 +106,6 @@ def main() -> None:
 
 def _sde_from(model, domain, cond, x1: torch.Tensor, noise_level: float, seed: int) -> torch.Tensor:
     """The flow SDE on every step from the given initial noise, step noise from ``seed``."""
-    from flowcoach.core.sampling.sampler import sample, time_grid
-
     with torch.no_grad():
         return sample(model, x1, time_grid(10), cond, law="flow-sde", noise_level=noise_level,
                       generator=torch.Generator().manual_seed(seed)).samples

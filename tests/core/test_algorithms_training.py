@@ -11,8 +11,8 @@ from flowcoach.core.algorithms import algorithm_defaults
 from flowcoach.core.checkpoint import list_checkpoints, load_base
 from flowcoach.core.policy import FlowPolicy
 from flowcoach.core.registry import ALGORITHMS, FlowcoachError
-from flowcoach.core.trainer import (anchor_batch, collect_rollout, optimizer_step_on, pair_losses, plan_batches,
-                                    train)
+from flowcoach.core.trainer import (AnchorData, anchor_batch, collect_rollout, optimizer_step_on, pair_losses,
+                                    plan_batches, train)
 from flowcoach.domains.toy import ToyDomain
 from tests.core.test_trainer import final_weights, read_metrics
 
@@ -109,11 +109,12 @@ def test_tree_trains_each_edge_once_with_per_depth_advantages(tmp_path):
 
 def test_data_anchoring_draws_its_times_as_the_base_was_pretrained(tmp_path):
     x0, cond = ToyDomain().data("train")
-    uniform = anchor_batch((x0, cond), config(tmp_path, "flow-grpo", **{"loss.anchor_batch": 20_000}), 0, 0, 1, 0)[2]
+    uniform = anchor_batch(AnchorData(x0, cond), config(tmp_path, "flow-grpo", **{"loss.anchor_batch": 20_000}),
+                           0, 0, 1, 0)[2]
     assert abs(uniform.mean().item() - 0.5) < 0.01 and abs(uniform.var().item() - 1 / 12) < 0.003
     cfg = config(tmp_path, "flow-grpo", **{"loss.anchor_batch": 20_000, "loss.anchor_time_sampling": "logit-normal",
                                            "loss.anchor_logit_mean": -2.0, "loss.anchor_logit_std": 0.5})
-    logits = torch.logit(anchor_batch((x0, cond), cfg, 0, 0, 1, 0)[2])  # logit(t) ~ N(-2, 0.5)
+    logits = torch.logit(anchor_batch(AnchorData(x0, cond), cfg, 0, 0, 1, 0)[2])  # logit(t) ~ N(-2, 0.5)
     assert abs(logits.mean().item() + 2.0) < 0.02 and abs(logits.std().item() - 0.5) < 0.015
 
 
@@ -130,10 +131,10 @@ def test_data_anchoring_adds_the_flow_matching_gradient_on_real_data(tmp_path, s
     rollout = collect_rollout(policy, domain, cfg, 0, "cpu")
     x0, cond = domain.data("train")
     structure = lambda x0_hat, data, c: (x0_hat - data).pow(2).sum(-1).sqrt()  # noqa: E731  (a toy's: how far off)
-    part = anchor_batch((x0, cond, None, structure if structure_weight else None), cfg, 0, 0, 1, 0)
+    part = anchor_batch(AnchorData(x0, cond, None, structure if structure_weight else None), cfg, 0, 0, 1, 0)
     assert part.structure is (structure if structure_weight else None)
     # the shares of 2 processes are the batch of 1
-    halves = [anchor_batch((x0, cond), cfg, 0, 0, 2, r) for r in (0, 1)]
+    halves = [anchor_batch(AnchorData(x0, cond), cfg, 0, 0, 2, r) for r in (0, 1)]
     assert all(torch.equal(torch.cat([h[i] for h in halves]), part[i]) for i in range(4))
     start = {k: v.detach().clone() for k, v in model.named_parameters()}
     optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)
