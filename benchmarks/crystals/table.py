@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-COLUMNS = ["struct_valid", "comp_valid", "valid", "proxy_stable_rate", "mean_proxy_ehull", "unique_rate", "novel_rate",
+COLUMNS = ["struct_valid", "comp_valid", "valid", "proxy_stable_rate", "mean_proxy_ehull", "known_stable_rate", "mean_known_ehull", "unique_rate", "novel_rate",
            "sun_rate", "density_wdist", "density_mean", "nelem_wdist", "element_tv", "csp_match_rate", "sevenn_gap_shift"]
 
 

@@ -28,23 +28,9 @@ MoreDataGeodesic = CrystalsDomain(gen=MORE, coupling="geodesic", predict="veloci
 MoreDataWideGeodesic = CrystalsDomain(gen=MORE, coupling="geodesic", predict="velocity", heads=0, **WIDE)
 
 
-class NearestImage(CrystalsDomain):
-    """Half of the geodesic coupling: each atom's image nearest its noise, no same-element permutation
-    (a velocity model; a float64 loop that CrystalsDomain(coupling="nearest") now does in torch)."""
-
-    coupling, predict, heads, depth = "nearest", "velocity", 0, 4
-
-    def couple(self, x0, eps, cond):
-        import torch
-
-        from flowcoach.domains.crystals import torus
-
-        out = x0.clone()
-        for b in range(x0.shape[0]):
-            n = int((cond[b] > 0).sum())
-            frac = torus.wrap(x0[b, :n, :3].double().cpu().numpy())
-            out[b, :n, :3] = torch.from_numpy(torus.nearest_image(frac, eps[b, :n, :3].double().cpu().numpy())).to(x0)
-        return out
+# half of the geodesic coupling: each atom's image nearest its noise, no same-element permutation (its
+# records were made with a float64 loop of the same map, torus.nearest_image, before the domain had it)
+NearestImage = CrystalsDomain(coupling="nearest", predict="velocity", heads=0, depth=4)
 
 # 2026-12-06: the clean-crystal (x0) output on the torus geodesic (README, "Where the atoms go")
 GeodesicX0 = CrystalsDomain(coupling="geodesic", predict="x0", heads=0, depth=4)

@@ -80,6 +80,8 @@ class CrystalsDomain(Domain):
                                train_structures=[c.structure() for c in train],
                                heldout_structures=[c.structure() for c in held])
             physics.use_hull(physics.hull_from_data(data, train))
+            # the evaluator's stricter stability: on the hull of every known crystal (evaluate_structures)
+            self._cache["known_hull"] = physics.hull_from_data(data, train + held)
             physics.use_volume_model(physics.VolumeModel(self._cache["train_structures"]))
         return self._cache
 
@@ -203,7 +205,7 @@ class CrystalsDomain(Domain):
             targets = [by_comp.get(composition_key(row)) for row in torch.as_tensor(conditions)]
         return evaluate_structures(objects, cache["train_structures"], cache["heldout_structures"], targets,
                                    cache["train_structures"][:48], sevenn=self.sevenn,
-                                   relax_samples=self.relax_samples)
+                                   relax_samples=self.relax_samples, known_hull=cache["known_hull"])
 
 
 class CrystalsVelocityDomain(CrystalsDomain):

@@ -110,12 +110,17 @@ _SEVENN_CACHE: dict[str, float] = {}
 
 def evaluate_structures(objects: list, train: list, heldout: list, targets: list | None = None,
                         sevenn_reference: list | None = None, sevenn: bool = True,
-                        relax_samples: int = 0) -> dict[str, float]:
+                        relax_samples: int = 0, known_hull=None) -> dict[str, float]:
     """Metrics of generated ``objects`` (Structure or None) against training and held-out crystals.
 
     ``targets``: per sample the held-out structure of its composition (structure prediction), or None.
     ``sevenn_reference``: training structures whose CHGNet - SevenNet energy gap calibrates the check.
     ``relax_samples``: the first this many valid samples are relaxed with CHGNet (``relaxed_metrics``).
+    ``known_hull``: a ``physics.ProxyHull`` of every known crystal, the held-out ones included, for
+    ``known_stable_rate``. The proxy stable rate's hull (training crystals only) has no entry for a
+    held-out composition, whose own crystals lie 0.5 eV/atom below it on average: there a sample far
+    above the true crystal still counts as stable. On the known hull it must come within
+    STABLE_EHULL of the best crystal known for its composition, as a training composition must.
     """
     n = max(1, len(objects))
     struct_ok = [s is not None and physics.structure_ok(s) for s in objects]
@@ -126,6 +131,8 @@ def evaluate_structures(objects: list, train: list, heldout: list, targets: list
     ehull = [hull.e_above_hull(s.composition, p["e"]) if v and p is not None else None
              for s, p, v in zip(objects, preds, valid)]
     stable = [e is not None and e <= physics.STABLE_EHULL for e in ehull]
+    known = [known_hull.e_above_hull(s.composition, p["e"]) if known_hull is not None and e is not None else None
+             for s, p, e in zip(objects, preds, ehull)]
     valid_s = [s for s, v in zip(objects, valid) if v]
     uniq = unique_flags(valid_s)
     ref = defaultdict(list)
@@ -155,6 +162,10 @@ def evaluate_structures(objects: list, train: list, heldout: list, targets: list
         "nelem_wdist": wasserstein([len(s.composition) for s in valid_s], [len(s.composition) for s in heldout]),
         "element_tv": element_tv(valid_s, heldout) if valid_s else float("nan"),
     }
+    if known_hull is not None:
+        found_known = [e for e in known if e is not None]
+        metrics["known_stable_rate"] = sum(e is not None and e <= physics.STABLE_EHULL for e in known) / n
+        metrics["mean_known_ehull"] = float(np.mean(found_known)) if found_known else float("nan")
     if targets is not None:
         matcher = _matcher()
         hits = [t is not None and s is not None and _fits(matcher, s, t) for s, t in zip(objects, targets)]

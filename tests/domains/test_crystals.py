@@ -582,6 +582,22 @@ def test_evaluator_counts_by_hand_on_rocksalt_a_duplicate_an_overlap_and_an_unde
     assert m["nelem_wdist"] == 0.0 and m["element_tv"] == pytest.approx(0.0)
 
 
+def test_known_stable_rate_asks_for_the_known_crystal_of_the_samples_own_composition(nacl_hull, nacl_references):
+    """The proxy hull (elements only here, like a held-out composition's) lets a rock salt count as
+    stable; on a hull that also holds a NaCl crystal 0.2 eV/atom below it, it is 0.2 above, by hand."""
+    from flowcoach.domains.crystals.evaluate import evaluate_structures
+
+    e = physics.chgnet_predict([rocksalt()])[0]["e"]
+    below = physics.ProxyHull(nacl_references + [("NaCl", e - 0.2)])
+    m = evaluate_structures([rocksalt(), None], train=[rocksalt()], heldout=[rocksalt()], sevenn=False, known_hull=below)
+    assert m["proxy_stable_rate"] == 0.5 and m["mean_proxy_ehull"] < 0.0
+    assert m["known_stable_rate"] == 0.0 and m["mean_known_ehull"] == pytest.approx(0.2, abs=1e-6)
+    near = physics.ProxyHull(nacl_references + [("NaCl", e - 0.05)])
+    m = evaluate_structures([rocksalt(), None], train=[rocksalt()], heldout=[rocksalt()], sevenn=False, known_hull=near)
+    assert m["known_stable_rate"] == 0.5 and m["mean_known_ehull"] == pytest.approx(0.05, abs=1e-6)
+    assert "known_stable_rate" not in evaluate_structures([rocksalt()], [rocksalt()], [rocksalt()], sevenn=False)
+
+
 def test_volume_window_penalises_swollen_and_crushed_cells():
     from flowcoach.rewards.crystals import volume
 
