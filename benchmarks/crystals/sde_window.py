@@ -10,7 +10,9 @@ structural validity (the evaluator's ``physics.structure_ok``; no CHGNet) of:
 - the flow SDE (--noise-level, 0.3, on every step) from the same initial noise, three draws: how many of the ODE's
   collided samples a little noise on the way undoes;
 - the flow SDE on one window of times (t_min, t_max], ODE elsewhere (the ``--sde-*`` flags of
-  evaluate_models.py and `flowcoach eval`), for each window of --windows: where the noise must be.
+  evaluate_models.py and `flowcoach eval`), for each window of --windows: where the noise must be;
+- the ODE from initial noise redrawn until its closest pair is at least R, for each R of
+  --hard-core (a hard-core prior): whether keeping the noise's atoms apart keeps the samples' apart.
 
 Writes benchmarks/results/crystals_sde_window_<label>.json.
 """
@@ -51,6 +53,15 @@ def closest_initial_pair(x1: torch.Tensor, cond: torch.Tensor) -> np.ndarray:
     return (closest * real.sum(1).float() ** (1 / 3)).numpy()
 
 
+def hard_core_noise(x1: torch.Tensor, cond: torch.Tensor, r: float, generator: torch.Generator) -> torch.Tensor:
+    """x1 with each sample whose closest initial pair (``closest_initial_pair``) is under r redrawn
+    until it is not: the Gaussian prior conditioned on no two atoms closer than r."""
+    x1 = x1.clone()
+    while (close := torch.from_numpy(closest_initial_pair(x1, cond) < r)).any():
+        x1[close] = torch.randn((int(close.sum()), *x1.shape[1:]), generator=generator)
+    return x1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", required=True)
@@ -59,6 +70,8 @@ def main() -> None:
     parser.add_argument("--num-conditions", type=int, default=500)
     parser.add_argument("--noise-level", type=float, default=0.3)
     parser.add_argument("--windows", nargs="+", default=list(WINDOWS), help="t_min-t_max of the SDE windows")
+    parser.add_argument("--hard-core", nargs="+", type=float, default=[0.3, 0.4, 0.5],
+                        help="closest-pair minima of the initial noise (the scale of the bins)")
     parser.add_argument("--seed", type=int, default=12345)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -86,10 +99,16 @@ def main() -> None:
     for w in args.windows:
         t_min, t_max = (float(v) for v in w.split("-"))
         windows[w] = float(run(args.noise_level, t_min, t_max).mean())
+    hard_core = {}
+    for r in args.hard_core:
+        x1_apart = hard_core_noise(x1, cond, r, torch.Generator().manual_seed(args.seed + 1))
+        with torch.no_grad():
+            samples = sample(model, x1_apart, time_grid(10), cond, law="ode", noise_level=0.0).samples
+        hard_core[str(r)] = float(valid(domain, samples).mean())
     record = {
         "label": args.label,
         "command": "python benchmarks/crystals/sde_window.py " + " ".join(
-            f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items() if v is not None),
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items() if v is not None),
         "samples": len(cond),
         "ode_struct_valid": float(ode.mean()),
         "ode_invalid_by_initial_closest_pair": by_pair,
@@ -97,6 +116,7 @@ def main() -> None:
         "ode_collided_valid_under_sde": undone,
         "ode_valid_invalid_under_sde": float(np.mean([1 - r[ode].mean() for r in repeats])),
         "sde_window_struct_valid": windows,
+        "hard_core_ode_struct_valid": hard_core,
         "cpu_s": round(time.process_time() - cpu, 1),
     }
     out = ROOT / "benchmarks" / "results" / f"crystals_sde_window_{args.label}.json"
