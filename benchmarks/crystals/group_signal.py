@@ -14,7 +14,10 @@ compositions (their crystal is on the hull, so E_hull is the distance to the kno
 For each: the mean within-group std of the E_hull reward (crystal-ehull, clipped to [-5, 1]), the
 share of groups whose samples are not all proxy-stable or all unstable (a stability signal), the
 proxy stable rate, and of the compositions none of whose ODE samples is stable, the share where this
-sampler finds a stable one (what exploration could teach the ODE).
+sampler finds a stable one (what exploration could teach the ODE). And of the ODE samples, the share
+that match their composition's training crystal (StructureMatcher, DiffCSP's tolerances) and their
+median E_hull, in the groups the ODE fails and in the rest (a wrong structure or a right one placed
+imprecisely), with their mean atom count and share of 5-atom cells (every ABX3 perovskite has 5).
 
 Writes benchmarks/results/crystals_group_signal_<label>.json.
 """
@@ -32,7 +35,9 @@ import torch
 from flowcoach.core.checkpoint import load_trained
 from flowcoach.core.sampling.sampler import sample, time_grid
 from flowcoach.core.trainer import sde_steps
-from flowcoach.domains.crystals import CrystalsDomain, physics
+from flowcoach.domains.crystals import CrystalsDomain, composition_key, physics
+from flowcoach.domains.crystals.data import composition_tensor
+from flowcoach.domains.crystals.evaluate import _fits, _matcher
 from flowcoach.rewards.crystals import ehull
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,20 +85,30 @@ def main() -> None:
         rewards, _ = ehull(structures)
         ok = np.array([s is not None and physics.structure_ok(s) for s in structures])
         stable = ok & (rewards.numpy() >= -physics.STABLE_EHULL)
-        return rewards.numpy().reshape(-1, G), stable.reshape(-1, G)
+        return rewards.numpy().reshape(-1, G), stable.reshape(-1, G), structures
 
     ode = run(own)
-    settings = {"own noise, ODE": group_spread(*ode, ode[1])}
+    settings = {"own noise, ODE": group_spread(*ode[:2], ode[1])}
+    known = {composition_key(c): s for c, s in zip(composition_tensor(domain._load()["train"]), domain._load()["train_structures"])}
+    matcher = _matcher()
+    match = np.array([s is not None and _fits(matcher, s, known[composition_key(c)]) for s, c in zip(ode[2], cond)]).reshape(-1, G)
+    failed = ~ode[1].any(1)
+    atoms = (cond[::G] > 0).sum(1).numpy()
+    ode_groups = {name: {"groups": int(sel.sum()), "match_known_crystal": float(match[sel].mean()),
+                         "median_ehull": float(np.median(-ode[0][sel])), "mean_atoms": float(atoms[sel].mean()),
+                         "five_atom_share": float((atoms[sel] == 5).mean())}
+                  for name, sel in (("failed", failed), ("rest", ~failed)) if sel.any()}
     for w in args.windows:
         t_min, t_max = (float(v) for v in w.split("-"))
-        settings[f"shared noise, SDE on ({t_min}, {t_max}]"] = group_spread(*run(shared, t_min, t_max), ode[1])
-    settings["own noise, SDE on (0.1, 0.55]"] = group_spread(*run(own, 0.1, 0.55), ode[1])
+        settings[f"shared noise, SDE on ({t_min}, {t_max}]"] = group_spread(*run(shared, t_min, t_max)[:2], ode[1])
+    settings["own noise, SDE on (0.1, 0.55]"] = group_spread(*run(own, 0.1, 0.55)[:2], ode[1])
     record = {
         "label": args.label,
         "command": "python benchmarks/crystals/group_signal.py " + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items() if v is not None),
         "samples": len(cond),
         "settings": settings,
+        "ode_groups": ode_groups,
         "cpu_s": round(time.process_time() - cpu, 1),
     }
     out = ROOT / "benchmarks" / "results" / f"crystals_group_signal_{args.label}.json"
