@@ -42,3 +42,6 @@ GeodesicX0Attention = CrystalsDomain(coupling="geodesic", predict="x0", heads=4,
 GeodesicX0Attention8 = CrystalsDomain(coupling="geodesic", predict="x0", heads=8, depth=4)
 # 2026-12-06, evening: 6 layers (base-deep: this, then --init-from it for 8,000 more steps; the default since)
 GeodesicX0AttentionDeep = CrystalsDomain(coupling="geodesic", predict="x0", heads=4, depth=6)
+# 2026-12-07, evening: base-struct's model at width 96 (the default is 64): does width fit the larger
+# binaries the 64-wide base fails (README, "Why RL does not move the stable rate")?
+GeodesicX0AttentionDeepWide = CrystalsDomain(width=96)
