@@ -7,7 +7,8 @@ For perovskites (three elements, five atoms) and binaries (two elements), traini
 flow times t: the mean periodic distance (fractional) between the model's clean estimate
 x0_hat = x_t - t v and the crystal's sites, from x_t on the domain's own coupling, 256 crystals per
 kind at most. A model that has learnt a training crystal puts x0_hat on its sites at small and middle t;
-the gap between training and held-out is what it memorised rather than generalised.
+the gap between training and held-out is what it memorised rather than generalised. (diagnose.py's
+``denoising_errors`` is the same measure per site of the training perovskites, with the lattice.)
 
 Writes benchmarks/results/crystals_fit_by_kind_<label>.json.
 """
