@@ -496,7 +496,8 @@ def test_pretrain_and_evaluate_run_on_cpu(domain, tmp_path):
                                             ("base-attn", ("struct_valid", "proxy_stable_rate", "csp_match_rate")),
                                             ("base-deep", ("struct_valid", "proxy_stable_rate", "csp_match_rate")),
                                             ("base-struct", ("struct_valid", "proxy_stable_rate", "csp_match_rate")),
-                                            ("base-scratch", ("struct_valid", "proxy_stable_rate", "csp_match_rate"))])
+                                            ("base-scratch", ("struct_valid", "proxy_stable_rate", "csp_match_rate")),
+                                            ("base-wide", ("struct_valid", "proxy_stable_rate", "csp_match_rate"))])
 def test_shipped_base_meets_its_recorded_figures(folder, figures):
     from flowcoach.core.checkpoint import load_base
     from flowcoach.core.trainer import evaluate_model
@@ -539,15 +540,15 @@ def test_attention_base_collides_fewer_atoms_than_mean_messages():
     """base-attn's claim over base-x0 (benchmarks/crystals/README.md): the same flow and data with
     attention-weighted messages put fewer atoms on top of each other on the 10-step ODE; base-deep's
     over base-attn (6 layers, twice the pretraining): fewer still; base-struct's over base-deep (a
-    third cycle with the distance loss): fewer again; and base-scratch's (the distance loss from the
-    first step, 3,000 steps) over base-struct's."""
+    third cycle with the distance loss): fewer again; and base-scratch's and base-wide's (the distance
+    loss from the first step, 3,000 steps, width 64 and 96) over base-struct's."""
     from flowcoach.core.checkpoint import load_base
     from flowcoach.core.trainer import generate
 
     d = CrystalsDomain(sevenn=False)
     cond = d.eval_conditions(200)
     valid = {}
-    for folder in ("base-x0", "base-attn", "base-deep", "base-struct", "base-scratch"):
+    for folder in ("base-x0", "base-attn", "base-deep", "base-struct", "base-scratch", "base-wide"):
         model, _ = load_base(d, d.base_checkpoint().parent / folder)
         structures = d.decode(generate(model.eval(), d, cond, num_steps=10, seed=3))
         valid[folder] = np.mean([s is not None and physics.structure_ok(s) for s in structures])
@@ -555,6 +556,7 @@ def test_attention_base_collides_fewer_atoms_than_mean_messages():
     assert valid["base-deep"] > valid["base-attn"] + 0.03, valid
     assert valid["base-struct"] > valid["base-deep"] + 0.04, valid
     assert valid["base-scratch"] > valid["base-struct"] + 0.02, valid
+    assert valid["base-wide"] > valid["base-struct"] + 0.02, valid
 
 
 def test_a_structure_chgnet_refuses_scores_the_floor_and_is_counted(nacl_hull):
