@@ -15,6 +15,7 @@ CHGNet's prediction is not finite) a defined floor value and counts it in ``info
 | crystal-volume | 0 inside the composition's volume band, else -(distance of ln V to the band), clipped to [-5, 0] | -5 |
 | crystal-volume-ref | -abs(ln V / V_ref): V_ref the volume of the training crystals of the same formula (else the fitted expectation), clipped to [-5, 0] | -5 |
 | crystal-distance | 0 when no two atoms are closer than 1.1 Å, else -(1.1 - d_min) / 0.6 (so >= -1.83) | -2 |
+| crystal-duplicate | -(share of the other valid samples of its group that StructureMatcher matches to it), 0 when unique | 0 |
 
 crystal-volume is the guard against the hack seen in the first RL runs: a policy whose structures
 are poor lowers CHGNet's E_hull by swelling its cells toward isolated atoms (valid by distance,
@@ -29,6 +30,10 @@ than 1.14 Å; the term is 0 from 1.1 Å on and -1 at the gate. It can be raised 
 well as by moving atoms apart, so it needs crystal-volume beside it (a scale-free variant, d_min over
 (V/N)^(1/3), was tried and moved validity less: benchmarks/crystals/README.md).
 
+crystal-duplicate is against a de novo group collapsing onto one crystal (Flow-GRPO on the first DNG
+base: uniqueness 0.99 -> 0.26): the evaluator's matcher (DiffCSP's tolerances), within the group, which
+shares a condition. An invalid sample scores 0 and matches nothing (validity has its own reward).
+
 CHGNet is called once per structure per process (results are cached), however many of these rewards
 are composed. The proxy hull is the domain's (its elemental references and training crystals).
 """
@@ -40,6 +45,7 @@ import torch
 
 from flowcoach.core.registry import FlowcoachError
 from flowcoach.domains.crystals import physics
+from flowcoach.rewards.diversity import group_ids_of
 
 ENERGY_FLOOR, EHULL_FLOOR, FORCE_FLOOR = -5.0, -5.0, -5.0
 
@@ -164,3 +170,22 @@ def distance(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
 
 def force(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
     return _scored(objects, lambda s, p: -p["fmax"], FORCE_FLOOR, FORCE_FLOOR, 0.0)
+
+
+def duplicate(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
+    from flowcoach.domains.crystals.evaluate import _fits, _matcher
+
+    matcher, groups = _matcher(), group_ids_of(conditions, len(objects))
+    ok = [s is not None and len(s) > 0 and physics.structure_ok(s) for s in objects]
+    scores = np.zeros(len(objects), dtype=np.float32)
+    for g in np.unique(groups):
+        members = [int(i) for i in np.nonzero(groups == g)[0]]
+        if len(members) < 2:
+            continue
+        for i in members:
+            if not ok[i]:
+                continue
+            same = sum(1 for j in members if j != i and ok[j] and objects[i].composition.reduced_formula
+                       == objects[j].composition.reduced_formula and _fits(matcher, objects[i], objects[j]))
+            scores[i] = -same / (len(members) - 1)
+    return torch.from_numpy(scores), {"invalid": len(objects) - sum(ok), "duplicates": int((scores < 0).sum())}

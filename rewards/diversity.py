@@ -8,12 +8,15 @@ they need no domain model) and on the group ids, and are applied by the trainer:
 - ``min_cosine_distance`` and ``diversity_scaled_advantages`` (GARDO, arXiv 2512.24138): a positive
   advantage is scaled by how far the sample is from its nearest group member
   (``--loss.diversity-advantage``).
+``group_ids_of`` recovers the groups from the conditions, for domain rewards that compare a sample
+with its group (mol-duplicate, crystal-duplicate).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -109,3 +112,14 @@ def diversity_scaled_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, 
     if clip > 0:
         adv = adv.clamp(-clip, clip)
     return adv, std > 1e-8
+
+
+def group_ids_of(conditions, count: int) -> np.ndarray:
+    """Group id per sample: a new group starts where the condition row changes (groups are
+    contiguous, each of G equal rows). Two neighbouring groups that drew the same condition merge."""
+    if conditions is None:
+        return np.zeros(count, dtype=int)
+    rows = torch.as_tensor(conditions).reshape(count, -1)
+    change = torch.ones(count, dtype=torch.bool)
+    change[1:] = (rows[1:] != rows[:-1]).any(dim=1)
+    return (torch.cumsum(change.long(), 0) - 1).numpy()

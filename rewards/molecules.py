@@ -18,6 +18,8 @@ import sys
 import numpy as np
 import torch
 
+from flowcoach.rewards.diversity import group_ids_of
+
 DEFAULT_SMARTS = "[CX3]=[OX1]"  # a carbonyl group: common in QM9 and in drugs
 
 
@@ -195,17 +197,6 @@ def heavy_atom_match(objects: list, conditions) -> tuple[torch.Tensor, dict]:
     want = torch.as_tensor(conditions, dtype=torch.float32).reshape(len(objects), -1)[:, 1].tolist()
     scores = [math.exp(-abs(m.fragment.GetNumAtoms() - w)) if m.connected else 0.0 for m, w in zip(objects, want)]
     return torch.tensor(scores, dtype=torch.float32), {"invalid": _invalid(objects)}
-
-
-def group_ids_of(conditions, count: int) -> np.ndarray:
-    """Group id per sample: a new group starts where the condition row changes (groups are
-    contiguous, each of G equal rows). Two neighbouring groups that drew the same condition merge."""
-    if conditions is None:
-        return np.zeros(count, dtype=int)
-    rows = torch.as_tensor(conditions).reshape(count, -1)
-    change = torch.ones(count, dtype=torch.bool)
-    change[1:] = (rows[1:] != rows[:-1]).any(dim=1)
-    return (torch.cumsum(change.long(), 0) - 1).numpy()
 
 
 def duplicate_penalty(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:

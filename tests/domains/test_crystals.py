@@ -363,6 +363,27 @@ def test_coupling_keeps_each_crystal_and_pairs_it_along_the_torus_geodesic(domai
         assert float(((y[b, :n, :3] - eps[b, :n, :3]) ** 2).sum()) <= float(((x0[b, :n, :3] - eps[b, :n, :3]) ** 2).sum()) + 1e-6
 
 
+def test_de_novo_geodesic_coupling_permutes_atoms_by_their_data_elements(domain):
+    """De novo the condition marks atoms only (all alike): the pairing must read each atom's element from
+    the data's type bits, or it would swap sites between elements and the type bits would no longer
+    say which atom sits where."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    x0, cond = domain.data("train")
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
+    dng = CrystalsDNGDomain(gen=TINY, copies=2, width=16, depth=1, sevenn=False, coupling="geodesic", predict="x0")
+    marks = (cond > 0).long()  # what a de novo condition holds
+    y = dng.couple(x0, eps, marks)
+    same = StructureMatcher(ltol=1e-3, stol=1e-3, angle_tol=1e-2, primitive_cell=False, scale=False)
+    for a, b in zip(decode(x0), decode(y)):
+        assert same.fit(a, b)
+    torch.testing.assert_close(y[:, :, 3:], x0[:, :, 3:])  # bits stay: only same-element rows trade places
+    assert float((eps - y)[:, :N_MAX, :3][marks > 0].abs().max()) <= 0.5 + 1e-6
+    # the structure-prediction coupling with the composition as condition pairs the same way
+    csp = CrystalsDomain(gen=TINY, copies=2, width=16, depth=1, sevenn=False, coupling="geodesic")
+    torch.testing.assert_close(y, csp.couple(x0, eps, cond))
+
+
 def test_structure_loss_is_the_distance_error_on_the_torus(domain):
     s = rocksalt()  # the cubic 8-atom cell: fractional shortest displacements are the shortest distances
     x0, cond = encode([crystal_from_structure(s, -3.0, "test")], seed=0)
@@ -415,7 +436,7 @@ def test_default_model_is_the_shipped_bases_so_pretrain_remakes_them():
 
     defaults = {k: p.default for k, p in inspect.signature(CrystalVelocity).parameters.items()}
     defaults["coupling"] = "independent"  # a model.json from before couplings were recorded
-    for d, folder in ((CrystalsDomain(sevenn=False), "base-struct"), (CrystalsVelocityDomain(sevenn=False), "base"),
+    for d, folder in ((CrystalsDomain(sevenn=False), "base-wide"), (CrystalsVelocityDomain(sevenn=False), "base"),
                       (CrystalsDNGDomain(sevenn=False), "base-dng")):
         assert d.base_checkpoint().name == folder
         shipped = json.loads((d.base_checkpoint() / "model.json").read_text())["model_config"]
@@ -423,9 +444,14 @@ def test_default_model_is_the_shipped_bases_so_pretrain_remakes_them():
         made = json.loads((d.base_checkpoint() / "base.json").read_text())
         for key, value in d.pretrain_defaults().items():
             assert made["config"].get(key) == value, (folder, key)
-    # base-struct is the defaults three times: from scratch, then --init-from that base with the same flags
-    # (base-deep), then --init-from base-deep with the distance loss at the weight RL's anchoring repeats
-    shipped = CrystalsDomain(sevenn=False).base_checkpoint()
+    # base-wide was made as variants:GeodesicX0AttentionDeepWide, now the domain's own model
+    wide = json.loads((CrystalsDomain().base_checkpoint() / "base.json").read_text())
+    assert wide["config"]["init_from"] is None and wide["command"].startswith(
+        "flowcoach pretrain variants:GeodesicX0AttentionDeepWide ")
+    # the previous default, base-struct, is base-deep's flags three times: from scratch, then --init-from
+    # that base with the same flags (base-deep), then --init-from base-deep with the distance loss at the
+    # weight RL's anchoring repeats
+    shipped = CrystalsDomain().base_checkpoint().parent / "base-struct"
     struct = json.loads((shipped / "base.json").read_text())
     deep = struct["init_from_record"]
     assert deep == json.loads((shipped.parent / "base-deep" / "base.json").read_text())
@@ -435,7 +461,7 @@ def test_default_model_is_the_shipped_bases_so_pretrain_remakes_them():
     assert third == (deep["command"].split(" --output ")[0].replace("variants:GeodesicX0AttentionDeep", "crystals")
                      .replace(f"--init-from {deep['config']['init_from']}", "--init-from domains/crystals/base-deep")
                      + " --structure-weight 0.2")
-    assert struct["config"]["structure_weight"] == train_config("crystals").loss.anchor_structure_weight == 0.2
+    assert wide["config"]["structure_weight"] == train_config("crystals").loss.anchor_structure_weight == 0.2
     with pytest.raises(FlowcoachError, match="choose one of independent, nearest, geodesic"):
         CrystalsDomain(coupling="ot")
     with pytest.raises(FlowcoachError, match="choose velocity or x0"):
@@ -443,18 +469,19 @@ def test_default_model_is_the_shipped_bases_so_pretrain_remakes_them():
 
 
 def test_rl_recipes_are_the_benchmarked_ones():
-    """`flowcoach train` starts from the anchored recipe for base-x0 (benchmarks/crystals/README.md) and
-    from the first one for the velocity bases (structure prediction of the first kind, and de novo)."""
+    """`flowcoach train` starts from the anchored recipe for the x0 bases with crystal-volume-ref beside
+    the rewards (benchmarks/crystals/README.md) and from the first one for the velocity bases (structure prediction of the first kind, and de novo)."""
     from flowcoach.core.algorithms import train_config
 
     x0 = train_config("crystals")
     assert (x0.optim.lr, x0.loss.anchor_weight, x0.sampler.noise_level, x0.sampler.sde_window_size) == (1e-4, 0.1, 0.3, 3)
-    assert x0.loss.anchor_structure_weight == 0.2
+    assert x0.loss.anchor_structure_weight == 0.2 and x0.steps == 150
     rewards = CrystalsDomain(sevenn=False).default_rewards()
-    assert "crystal-distance" not in rewards
+    assert "crystal-distance" not in rewards and rewards["crystal-volume-ref"] == 5.0  # against swelling
+    del rewards["crystal-volume-ref"]
     for cls in (CrystalsVelocityDomain, CrystalsDNGDomain):
         first = train_config(f"flowcoach.domains.crystals:{cls.__name__}")
-        assert (first.optim.lr, first.loss.anchor_weight, first.sampler.noise_level) == (3e-4, 0.0, 0.7)
+        assert (first.optim.lr, first.loss.anchor_weight, first.sampler.noise_level, first.steps) == (3e-4, 0.0, 0.7, 100)
         assert first.loss.anchor_structure_weight == 0.0  # no anchoring, so no term of it
         assert cls(sevenn=False).default_rewards() == {**rewards, "crystal-distance": 2.0}
 
@@ -601,6 +628,24 @@ def test_known_stable_rate_asks_for_the_known_crystal_of_the_samples_own_composi
     m = evaluate_structures([rocksalt(), None], train=[rocksalt()], heldout=[rocksalt()], sevenn=False, known_hull=near)
     assert m["known_stable_rate"] == 0.5 and m["mean_known_ehull"] == pytest.approx(0.05, abs=1e-6)
     assert "known_stable_rate" not in evaluate_structures([rocksalt()], [rocksalt()], [rocksalt()], sevenn=False)
+
+
+def test_duplicate_reward_counts_matching_crystals_within_each_group_only():
+    from flowcoach.rewards import REWARDS
+
+    duplicate = REWARDS.get("crystal-duplicate")
+    cscl = Structure(Lattice.cubic(4.1), ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    overlap = Structure(Lattice.cubic(5.0), ["Na", "Cl"], [[0, 0, 0], [0.04, 0, 0]])  # invalid: matches nothing
+    # group 0: two rock salts (one in a 1 % larger cell: the same crystal to StructureMatcher), a CsCl,
+    # the overlap; group 1: one rock salt, a CsCl, None, a CsCl shifted by a lattice vector (the same)
+    shifted = Structure(Lattice.cubic(4.1), ["Cs", "Cl"], [[0.25, 0, 0], [0.75, 0.5, 0.5]])
+    objects = [rocksalt(), rocksalt(5.64 * 1.01), cscl, overlap, rocksalt(), cscl, None, shifted]
+    cond = torch.tensor([[1, 2]] * 4 + [[3, 4]] * 4)
+    scores, info = duplicate(objects, cond)
+    torch.testing.assert_close(scores, torch.tensor([-1 / 3, -1 / 3, 0, 0, 0, -1 / 3, 0, -1 / 3]))
+    assert info == {"invalid": 2, "duplicates": 4}
+    scores, _ = duplicate(objects, None)  # one group of 8: each rock salt matches the other two of 7
+    assert float(scores[0]) == pytest.approx(-2 / 7) and float(scores[2]) == pytest.approx(-2 / 7)
 
 
 def test_volume_window_penalises_swollen_and_crushed_cells():
