@@ -15,6 +15,7 @@ CHGNet's prediction is not finite) a defined floor value and counts it in ``info
 | crystal-volume | 0 inside the composition's volume band, else -(distance of ln V to the band), clipped to [-5, 0] | -5 |
 | crystal-volume-ref | -abs(ln V / V_ref): V_ref the volume of the training crystals of the same formula (else the fitted expectation), clipped to [-5, 0] | -5 |
 | crystal-distance | 0 when no two atoms are closer than 1.1 Å, else -(1.1 - d_min) / 0.6 (so >= -1.83) | -2 |
+| crystal-elements | 0 when the number of elements is one the training crystals have (2 or 3 here), else -1 | -1 |
 | crystal-duplicate | -(share of the other valid samples of its group that StructureMatcher matches to it), 0 when unique | 0 |
 
 crystal-volume is the guard against the hack seen in the first RL runs: a policy whose structures
@@ -29,6 +30,11 @@ than 0.5 Å, so a sample at 0.6 Å and one at 2 Å score alike. No training crys
 than 1.14 Å; the term is 0 from 1.1 Å on and -1 at the gate. It can be raised by swelling the cell as
 well as by moving atoms apart, so it needs crystal-volume beside it (a scale-free variant, d_min over
 (V/N)^(1/3), was tried and moved validity less: benchmarks/crystals/README.md).
+
+crystal-elements holds de novo samples to the training set's support: a single element passes SMACT
+and an elemental cell sits near its reference on the proxy hull, so Flow-GRPO on both de novo bases
+turned to F2, Cl2, Te cells (none in the training set). Needs the domain's volume model, which knows the
+training crystals.
 
 crystal-duplicate is against a de novo group collapsing onto one crystal (Flow-GRPO on the first DNG
 base: uniqueness 0.99 -> 0.26): the evaluator's matcher (DiffCSP's tolerances), within the group, which
@@ -170,6 +176,14 @@ def distance(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
 
 def force(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
     return _scored(objects, lambda s, p: -p["fmax"], FORCE_FLOOR, FORCE_FLOOR, 0.0)
+
+
+def element_count(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
+    model = physics.volume_model()
+    if model is None:
+        raise FlowcoachError("crystal-elements needs the crystals domain's volume model; use it with the crystals domain")
+    ok = [s is not None and len(s) > 0 and len(s.composition.elements) in model.element_counts for s in objects]
+    return torch.tensor([0.0 if v else -1.0 for v in ok]), {"invalid": sum(not v for v in ok)}
 
 
 def duplicate(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:

@@ -230,6 +230,8 @@ class VolumeModel:
         for s in structures:
             per_atom.setdefault(s.composition.reduced_formula, []).append(s.volume / len(s))
         self.known = {f: float(np.mean(v)) for f, v in per_atom.items()}
+        # how many elements a reference crystal has (the support crystal-elements holds samples to)
+        self.element_counts = sorted({len(s.composition.elements) for s in structures})
 
     def expected(self, composition) -> float | None:
         """Expected volume (Å^3) of a cell of this composition, or None for an element never seen."""

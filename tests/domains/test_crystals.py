@@ -630,6 +630,27 @@ def test_known_stable_rate_asks_for_the_known_crystal_of_the_samples_own_composi
     assert "known_stable_rate" not in evaluate_structures([rocksalt()], [rocksalt()], [rocksalt()], sevenn=False)
 
 
+def test_element_count_reward_holds_samples_to_the_training_crystals_numbers_of_elements():
+    from flowcoach.core.registry import FlowcoachError
+    from flowcoach.rewards.crystals import element_count
+
+    binaries = [rocksalt(), Structure(Lattice.cubic(4.1), ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])]
+    sodium = Structure(Lattice.cubic(4.2), ["Na", "Na"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    ternary = Structure(Lattice.cubic(4.0), ["Sr", "Ti", "O", "O", "O"],
+                        [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+    try:
+        physics.use_volume_model(physics.VolumeModel(binaries))
+        scores, info = element_count([rocksalt(), sodium, ternary, None], None)
+        assert scores.tolist() == [0.0, -1.0, -1.0, -1.0] and info["invalid"] == 3
+        physics.use_volume_model(physics.VolumeModel(binaries + [ternary]))
+        assert element_count([ternary, sodium], None)[0].tolist() == [0.0, -1.0]
+        physics.use_volume_model(None)
+        with pytest.raises(FlowcoachError, match="volume model"):
+            element_count([rocksalt()], None)
+    finally:
+        physics.use_volume_model(None)
+
+
 def test_duplicate_reward_counts_matching_crystals_within_each_group_only():
     from flowcoach.rewards import REWARDS
 
