@@ -524,12 +524,13 @@ def test_pretrain_and_evaluate_run_on_cpu(domain, tmp_path):
                                             ("base-deep", ("struct_valid", "proxy_stable_rate", "csp_match_rate")),
                                             ("base-struct", ("struct_valid", "proxy_stable_rate", "csp_match_rate")),
                                             ("base-scratch", ("struct_valid", "proxy_stable_rate", "csp_match_rate")),
-                                            ("base-wide", ("struct_valid", "proxy_stable_rate", "csp_match_rate"))])
+                                            ("base-wide", ("struct_valid", "proxy_stable_rate", "csp_match_rate")),
+                                            ("base-dng-wide", ("struct_valid", "comp_valid", "proxy_stable_rate"))])
 def test_shipped_base_meets_its_recorded_figures(folder, figures):
     from flowcoach.core.checkpoint import load_base
     from flowcoach.core.trainer import evaluate_model
 
-    d = CrystalsDomain(sevenn=False)
+    d = (CrystalsDNGDomain if "dng" in folder else CrystalsDomain)(sevenn=False)
     path = d.base_checkpoint().parent / folder
     model, record = load_base(d, path)
     ev = record["eval"]
