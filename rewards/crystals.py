@@ -16,6 +16,7 @@ CHGNet's prediction is not finite) a defined floor value and counts it in ``info
 | crystal-volume-ref | -abs(ln V / V_ref): V_ref the volume of the training crystals of the same formula (else the fitted expectation), clipped to [-5, 0] | -5 |
 | crystal-distance | 0 when no two atoms are closer than 1.1 Å, else -(1.1 - d_min) / 0.6 (so >= -1.83) | -2 |
 | crystal-elements | 0 when the number of elements is one the training crystals have (2 or 3 here), else -1 | -1 |
+| crystal-formula-duplicate | -(share of the other decodable samples of its group with the same reduced formula), 0 when unique | 0 |
 | crystal-duplicate | -(share of the other valid samples of its group that StructureMatcher matches to it), 0 when unique | 0 |
 
 crystal-volume is the guard against the hack seen in the first RL runs: a policy whose structures
@@ -39,6 +40,9 @@ training crystals.
 crystal-duplicate is against a de novo group collapsing onto one crystal (Flow-GRPO on the first DNG
 base: uniqueness 0.99 -> 0.26): the evaluator's matcher (DiffCSP's tolerances), within the group, which
 shares a condition. An invalid sample scores 0 and matches nothing (validity has its own reward).
+crystal-formula-duplicate is the same on compositions alone: a de novo group drifts to a few formulas
+(F2, Cl2, chlorides) long before two of its cells match; in structure prediction a group shares its
+formula, so every sample scores -1 and the group-relative advantage ignores it.
 
 CHGNet is called once per structure per process (results are cached), however many of these rewards
 are composed. The proxy hull is the domain's (its elemental references and training crystals).
@@ -184,6 +188,19 @@ def element_count(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
         raise FlowcoachError("crystal-elements needs the crystals domain's volume model; use it with the crystals domain")
     ok = [s is not None and len(s) > 0 and len(s.composition.elements) in model.element_counts for s in objects]
     return torch.tensor([0.0 if v else -1.0 for v in ok]), {"invalid": sum(not v for v in ok)}
+
+
+def formula_duplicate(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
+    groups = group_ids_of(conditions, len(objects))
+    formulas = [s.composition.reduced_formula if s is not None and len(s) else None for s in objects]
+    scores = np.zeros(len(objects), dtype=np.float32)
+    for g in np.unique(groups):
+        members = [int(i) for i in np.nonzero(groups == g)[0]]
+        for i in members:
+            if formulas[i] is not None and len(members) > 1:
+                same = sum(1 for j in members if j != i and formulas[j] == formulas[i])
+                scores[i] = -same / (len(members) - 1)
+    return torch.from_numpy(scores), {"invalid": formulas.count(None), "duplicates": int((scores < 0).sum())}
 
 
 def duplicate(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:

@@ -668,6 +668,11 @@ def test_duplicate_reward_counts_matching_crystals_within_each_group_only():
     assert info == {"invalid": 2, "duplicates": 4}
     scores, _ = duplicate(objects, None)  # one group of 8: each rock salt matches the other two of 7
     assert float(scores[0]) == pytest.approx(-2 / 7) and float(scores[2]) == pytest.approx(-2 / 7)
+    # on formulas alone the overlap (NaCl, invalid) counts too: group 0 has three NaCl
+    formula = REWARDS.get("crystal-formula-duplicate")
+    scores, info = formula(objects, cond)
+    torch.testing.assert_close(scores, torch.tensor([-2 / 3, -2 / 3, 0, -2 / 3, 0, -1 / 3, 0, -1 / 3]))
+    assert info == {"invalid": 1, "duplicates": 5}
 
 
 def test_volume_window_penalises_swollen_and_crushed_cells():
