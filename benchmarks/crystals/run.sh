@@ -36,7 +36,7 @@ RUN=$(ls -d "$OUT"/crystals__flow-grpo__0__* | tail -n 1)
 .venv/bin/python benchmarks/crystals/evaluate_models.py --label heldout --checkpoint data --num-samples 77
 
 # 4. De novo (types generated): its own base and the same Flow-GRPO recipe.
-DNG=flowcoach.domains.crystals:CrystalsDNGDomain
+DNG=flowcoach.domains.crystals:CrystalsDNGVelocityDomain  # the first kind, as the CSP rows above
 DNG_BASE=runs/benchmarks/crystals-base-dng
 $FC pretrain $DNG --steps 1500 --batch-size 128 --lr 1e-3 --eval-samples 500 --eval-num-steps 20 \
     --output $DNG_BASE

@@ -51,5 +51,6 @@ GeodesicX0AttentionDeep = CrystalsDomain(coupling="geodesic", predict="x0", head
 GeodesicX0AttentionDeepWide = CrystalsDomain(width=96)
 
 # 2026-12-07, afternoon: de novo (elements generated) with base-wide's model and pretraining in place
-# of the first kind's (base-dng); the geodesic coupling reads the elements from the data's type bits
+# of the first kind's (base-dng); the geodesic coupling reads the elements from the data's type bits.
+# The model of CrystalsDNGDomain() since (base-dng-wide), whose RL recipe the rows ran with flags
 DNGWide = CrystalsDNGDomain(coupling="geodesic", predict="x0", heads=4, depth=6, width=96)
