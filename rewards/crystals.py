@@ -55,7 +55,7 @@ import torch
 
 from flowcoach.core.registry import FlowcoachError
 from flowcoach.domains.crystals import physics
-from flowcoach.rewards.diversity import group_ids_of
+from flowcoach.rewards.diversity import duplicate_share, group_ids_of
 
 ENERGY_FLOOR, EHULL_FLOOR, FORCE_FLOOR = -5.0, -5.0, -5.0
 
@@ -191,32 +191,22 @@ def element_count(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
 
 
 def formula_duplicate(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
-    groups = group_ids_of(conditions, len(objects))
     formulas = [s.composition.reduced_formula if s is not None and len(s) else None for s in objects]
-    scores = np.zeros(len(objects), dtype=np.float32)
-    for g in np.unique(groups):
-        members = [int(i) for i in np.nonzero(groups == g)[0]]
-        for i in members:
-            if formulas[i] is not None and len(members) > 1:
-                same = sum(1 for j in members if j != i and formulas[j] == formulas[i])
-                scores[i] = -same / (len(members) - 1)
+    scores = duplicate_share(group_ids_of(conditions, len(objects)),
+                             lambda i, j: formulas[i] is not None and formulas[i] == formulas[j])
     return torch.from_numpy(scores), {"invalid": formulas.count(None), "duplicates": int((scores < 0).sum())}
 
 
 def duplicate(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
     from flowcoach.domains.crystals.evaluate import _fits, _matcher
 
-    matcher, groups = _matcher(), group_ids_of(conditions, len(objects))
+    matcher = _matcher()
     ok = [s is not None and len(s) > 0 and physics.structure_ok(s) for s in objects]
-    scores = np.zeros(len(objects), dtype=np.float32)
-    for g in np.unique(groups):
-        members = [int(i) for i in np.nonzero(groups == g)[0]]
-        if len(members) < 2:
-            continue
-        for i in members:
-            if not ok[i]:
-                continue
-            same = sum(1 for j in members if j != i and ok[j] and objects[i].composition.reduced_formula
-                       == objects[j].composition.reduced_formula and _fits(matcher, objects[i], objects[j]))
-            scores[i] = -same / (len(members) - 1)
+
+    def same(i: int, j: int) -> bool:
+        a, b = objects[i], objects[j]
+        return (ok[i] and ok[j] and a.composition.reduced_formula == b.composition.reduced_formula
+                and _fits(matcher, a, b))
+
+    scores = duplicate_share(group_ids_of(conditions, len(objects)), same)
     return torch.from_numpy(scores), {"invalid": len(objects) - sum(ok), "duplicates": int((scores < 0).sum())}

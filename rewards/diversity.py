@@ -8,12 +8,14 @@ they need no domain model) and on the group ids, and are applied by the trainer:
 - ``min_cosine_distance`` and ``diversity_scaled_advantages`` (GARDO, arXiv 2512.24138): a positive
   advantage is scaled by how far the sample is from its nearest group member
   (``--loss.diversity-advantage``).
-``group_ids_of`` recovers the groups from the conditions, for domain rewards that compare a sample
-with its group (mol-duplicate, crystal-duplicate).
+``group_ids_of`` recovers the groups from the conditions and ``duplicate_share`` scores each sample by
+how many of its group it repeats, for the domain rewards that compare a sample with its group
+(mol-duplicate, crystal-duplicate, crystal-formula-duplicate).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -123,3 +125,21 @@ def group_ids_of(conditions, count: int) -> np.ndarray:
     change = torch.ones(count, dtype=torch.bool)
     change[1:] = (rows[1:] != rows[:-1]).any(dim=1)
     return (torch.cumsum(change.long(), 0) - 1).numpy()
+
+
+def duplicate_share(groups: np.ndarray, matches) -> np.ndarray:
+    """-(share of the other members of its group that ``matches(i, j)``) per sample: 0 when it matches
+    none of them (or is alone), -1 when it matches all. ``matches`` must be symmetric; it is asked once
+    per pair (a StructureMatcher fit is not cheap)."""
+    scores = np.zeros(len(groups), dtype=np.float32)
+    for g in np.unique(groups):
+        members = np.nonzero(groups == g)[0]
+        if len(members) < 2:
+            continue
+        same = np.zeros(len(members), dtype=int)
+        for a, b in itertools.combinations(range(len(members)), 2):
+            if matches(int(members[a]), int(members[b])):
+                same[a] += 1
+                same[b] += 1
+        scores[members] = -same / (len(members) - 1)
+    return scores

@@ -15,10 +15,9 @@ import math
 import os
 import sys
 
-import numpy as np
 import torch
 
-from flowcoach.rewards.diversity import group_ids_of
+from flowcoach.rewards.diversity import duplicate_share, group_ids_of
 
 DEFAULT_SMARTS = "[CX3]=[OX1]"  # a carbonyl group: common in QM9 and in drugs
 
@@ -202,15 +201,7 @@ def heavy_atom_match(objects: list, conditions) -> tuple[torch.Tensor, dict]:
 def duplicate_penalty(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
     """-(share of the other samples of the group with the same SMILES): 0 when unique in its group,
     -1 when the whole group is one molecule. Invalid ones score 0 (validity has its own reward)."""
-    groups = group_ids_of(conditions, len(objects))
-    scores = np.zeros(len(objects), dtype=np.float32)
-    for g in np.unique(groups):
-        members = np.nonzero(groups == g)[0]
-        if len(members) < 2:
-            continue
-        smiles = [objects[i].smiles for i in members]
-        for k, i in enumerate(members):
-            if smiles[k] is not None:
-                same = sum(1 for s in smiles if s == smiles[k]) - 1
-                scores[i] = -same / (len(members) - 1)
+    smiles = [m.smiles for m in objects]
+    scores = duplicate_share(group_ids_of(conditions, len(objects)),
+                             lambda i, j: smiles[i] is not None and smiles[i] == smiles[j])
     return torch.from_numpy(scores), {"invalid": _invalid(objects), "duplicates": int((scores < 0).sum())}
