@@ -19,7 +19,7 @@ from pymatgen.core import Lattice, Structure  # noqa: E402
 from flowcoach.domains.crystals import (  # noqa: E402
     CrystalsDNGDomain, CrystalsDNGVelocityDomain, CrystalsDomain, CrystalsVelocityDomain, physics, torus)
 from flowcoach.domains.crystals.data import (  # noqa: E402
-    FEATURES, N_MAX, Crystal, GenConfig, crystal_from_structure, encode, from_bits, to_bits)
+    FEATURES, N_MAX, GenConfig, crystal_from_structure, encode, from_bits, to_bits)
 from flowcoach.domains.crystals.decode import decode, save_structures  # noqa: E402
 from flowcoach.domains.crystals.model import CrystalVelocity  # noqa: E402
 
