@@ -1,5 +1,6 @@
 """Where a molecule model's instability comes from: per-element bonding errors, the C-H length spread,
-the sampler, and the denoising error per flow time.
+the sampler, how many unstable atoms are near-misses (a few pm from a bond threshold), and the
+denoising error per flow time.
 
     .venv/bin/python benchmarks/molecules/diagnose.py --label base18k \
         --samplers euler:40 euler:100 heun:20 sde:40:0.5 sde:100:1.0
@@ -23,7 +24,7 @@ import torch
 from flowcoach.core.checkpoint import load_trained
 from flowcoach.core.sampling.sampler import sample, time_grid
 from flowcoach.domains.molecules import MoleculesDomain
-from flowcoach.domains.molecules.chem import VALENCE
+from flowcoach.domains.molecules.chem import ATOM_TYPES, DOUBLE, MARGINS_PM, SINGLE, TRIPLE, VALENCE, atom_stability, bond_orders
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMES = (0.01, 0.03, 0.1, 0.2, 0.4, 0.6, 0.8)
@@ -52,6 +53,45 @@ def bonding_errors(molecules) -> dict:
     ch = np.array(ch)
     return {"per_element": per_element, "ch_length_mean": float(ch.mean()) if ch.size else None,
             "ch_length_std": float(ch.std()) if ch.size else None}
+
+
+def threshold_distance(types: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """[n] per atom: how far (A) its nearest pair distance is from a bond-order threshold of EDM's rule
+    (tabulated length + margin, for every order the pair has). Small = a few pm decide its bonds."""
+    d = np.linalg.norm(positions[:, None] - positions[None], axis=-1)
+    gap = np.full(d.shape, np.inf)
+    for table, margin in zip((SINGLE, DOUBLE, TRIPLE), MARGINS_PM):
+        length = table[types[:, None], types[None, :]]
+        gap = np.where(length > 0, np.minimum(gap, np.abs(d - (length + margin / 100.0))), gap)
+    np.fill_diagonal(gap, np.inf)
+    return gap.min(axis=1) if len(types) > 1 else np.full(len(types), np.inf)
+
+
+def near_misses(molecules, within: float = 0.05) -> dict:
+    """Of the stable and of the unstable atoms: the share with a pair distance within ``within`` A of
+    a bond threshold; of the unstable atoms: the share that another element would make stable with
+    the geometry unchanged (bonds recomputed for its new type)."""
+    near = {True: [0, 0], False: [0, 0]}
+    swap = 0
+    for m in molecules:
+        types = np.array([ATOM_TYPES.index(s) for s in m.symbols], dtype=int)
+        if not len(types):
+            continue
+        gap = threshold_distance(types, m.positions)
+        for stable in (True, False):
+            pick = m.stable_atoms == stable
+            near[stable][0] += int(pick.sum())
+            near[stable][1] += int((gap[pick] < within).sum())
+        for i in np.flatnonzero(~m.stable_atoms):
+            other = types.copy()
+            for k in range(len(ATOM_TYPES)):
+                other[i] = k
+                if k != types[i] and atom_stability(other, bond_orders(other, m.positions))[i]:
+                    swap += 1
+                    break
+    return {"stable_atoms_near_threshold": near[True][1] / max(near[True][0], 1),
+            "unstable_atoms_near_threshold": near[False][1] / max(near[False][0], 1),
+            "unstable_atoms_fixed_by_another_element": swap / max(near[False][0], 1)}
 
 
 def draw(model, domain, cond, setting: str, seed: int) -> torch.Tensor:
@@ -108,14 +148,15 @@ def main() -> None:
     x0, _ = domain.data("heldout")
     pick = torch.randperm(x0.shape[0], generator=torch.Generator().manual_seed(args.seed))[: args.num_samples]
     record = {"label": args.label, "checkpoint": args.checkpoint, "base": args.base, "num_samples": args.num_samples,
-              "seed": args.seed, "data": bonding_errors(domain.decode(x0[pick])), "samplers": {}}
+              "seed": args.seed, "data": {**bonding_errors(data := domain.decode(x0[pick])), **near_misses(data)}, "samplers": {}}
+    print("data", json.dumps(record["data"]), flush=True)
     for setting in args.samplers:
         cpu = time.process_time()
         molecules = domain.decode(draw(model, domain, cond, setting, args.seed))
         metrics = domain.evaluate(molecules, cond)
         record["samplers"][setting] = {
             **{k: float(metrics[k]) for k in ("atom_stability", "mol_stability", "validity", "uniqueness")},
-            **bonding_errors(molecules), "cpu_s": round(time.process_time() - cpu, 1)}
+            **bonding_errors(molecules), **near_misses(molecules), "cpu_s": round(time.process_time() - cpu, 1)}
         print(setting, json.dumps(record["samplers"][setting]), flush=True)
     record["denoising_error_A"] = denoising_error(model, domain)
     print("denoising error (A) per t:", json.dumps(record["denoising_error_A"]))
