@@ -24,7 +24,8 @@ import torch
 from flowcoach.core.checkpoint import load_trained
 from flowcoach.core.sampling.sampler import sample, time_grid
 from flowcoach.domains.molecules import MoleculesDomain
-from flowcoach.domains.molecules.chem import ATOM_TYPES, DOUBLE, MARGINS_PM, SINGLE, TRIPLE, VALENCE, atom_stability, bond_orders
+from flowcoach.domains.molecules.chem import (ATOM_TYPES, DOUBLE, MARGINS_PM, SINGLE, TRIPLE, VALENCE, atom_stability,
+                                              bond_orders)
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMES = (0.01, 0.03, 0.1, 0.2, 0.4, 0.6, 0.8)
@@ -147,8 +148,9 @@ def main() -> None:
     cond = domain.eval_conditions(args.num_samples)
     x0, _ = domain.data("heldout")
     pick = torch.randperm(x0.shape[0], generator=torch.Generator().manual_seed(args.seed))[: args.num_samples]
+    data = domain.decode(x0[pick])
     record = {"label": args.label, "checkpoint": args.checkpoint, "base": args.base, "num_samples": args.num_samples,
-              "seed": args.seed, "data": {**bonding_errors(data := domain.decode(x0[pick])), **near_misses(data)}, "samplers": {}}
+              "seed": args.seed, "data": {**bonding_errors(data), **near_misses(data)}, "samplers": {}}
     print("data", json.dumps(record["data"]), flush=True)
     for setting in args.samplers:
         cpu = time.process_time()
