@@ -199,6 +199,45 @@ def dense_advantages(
     return adv, keep, info
 
 
+def element_advantages(
+    sample_adv: torch.Tensor,
+    element_rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    weight: float,
+    clip: float = 5.0,
+    eps: float = 1e-4,
+    zero_std_tol: float = 1e-8,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """Per-element advantages [B, E]: the sample's own plus ``weight`` x its element reward against
+    the same element (row) in the group's other samples, c = r - mean_row, over the group's std of c
+    (all its credited elements), clipped to +-clip.
+
+    ``element_rewards`` [B, E] is NaN where an element earns no credit (padding). The baseline is per
+    row because elements of different kinds differ in reward whatever the sample does (a molecule's
+    hydrogens are nearly always stable, its carbons often not): a pooled baseline credits the kind,
+    not the action. Returns (advantages, credited mask [B, E], samples whose group has an element
+    signal [B], info); uncredited elements get advantage 0.
+    """
+    r = element_rewards.float().cpu()
+    credited = torch.isfinite(r)
+    _, inverse = torch.unique(group_ids.cpu(), return_inverse=True)
+    n = int(inverse.max()) + 1 if len(inverse) else 0
+    values = torch.where(credited, r, torch.zeros_like(r))
+    count = torch.zeros(n, r.shape[1]).index_add_(0, inverse, credited.float())
+    row_mean = torch.zeros(n, r.shape[1]).index_add_(0, inverse, values) / count.clamp(min=1)
+    centred = torch.where(credited, values - row_mean[inverse], torch.zeros_like(r))
+    var = torch.zeros(n).index_add_(0, inverse, (centred**2).sum(dim=1)) / count.sum(dim=1).clamp(min=1)
+    std = var.sqrt()
+    signal = (std > zero_std_tol)[inverse]
+    z = torch.where(signal[:, None], centred / (std[inverse][:, None] + eps), torch.zeros_like(r))
+    adv = torch.where(credited, sample_adv.float().cpu()[:, None] + weight * z, torch.zeros_like(r))
+    if clip > 0:
+        adv = adv.clamp(-clip, clip)
+    info = {"element/reward_mean": float(r[credited].mean()) if credited.any() else 0.0,
+            "element/zero_std_ratio": float(1.0 - (std > zero_std_tol).float().mean()) if n else 0.0}
+    return adv, credited, signal, info
+
+
 def best_of_n_keep(rewards: torch.Tensor, group_ids: torch.Tensor, n: int) -> torch.Tensor:
     """[B] mask of the n/2 highest and n/2 lowest rewards of each group (DanceGRPO's best-of-N).
     Ties are broken by sample order."""

@@ -93,6 +93,10 @@ class LossConfig:
     ratio_norm: bool = False
     """GRPO-Guard's RatioNorm: add the closed-form KL to the log-ratio (centre the ratio on 1), scale it
     by the step std (one spread for every step), and weight each step's loss by 1/|dt| (normalised)."""
+    element_weight: float = 0.0
+    """Per-element credit (``Domain.element_rewards``; molecules: each atom's stability): each element
+    of a sample is trained through its own share of the transition log-prob with the sample's
+    advantage plus this weight x its group-normalised element reward. 0: one advantage per sample."""
     step_weight: Literal["none", "noise"] = "none"
     """Per-step loss weight: noise = the step's std over its mean (TempFlow's noise-aware weighting)."""
     tree_value: Literal["mean", "softmax"] = "mean"

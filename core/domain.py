@@ -32,6 +32,10 @@ class Domain(ABC):
 
     name: str = ""
     kind: str = "generate"
+    element_rows_match: bool = True
+    """Whether row e of the sample is the same element in every sample of a condition (a crystal's
+    given composition, a signal's channels). False for a set generated in any order (a molecule's
+    atoms): per-element credit then needs a group that shares its initial noise."""
 
     @property
     @abstractmethod
@@ -98,6 +102,12 @@ class Domain(ABC):
         two like atoms' distance does not depend on which takes which site, while their average puts
         both on one) asks the model to commit to one. Default: None, the domain has none.
         """
+        return None
+
+    def element_rewards(self, objects: list, conditions: Any) -> torch.Tensor | None:
+        """Per-element rewards [B, E] of decoded objects, E = sample_shape[0] (a molecule's atom rows),
+        NaN where an element earns no credit (padding); used by --loss.element-weight. None: the
+        domain has no per-element reward."""
         return None
 
     def pretrain_batch(self, num_samples: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:

@@ -28,7 +28,7 @@ from flowcoach.core.losses import (clipped_ratio_loss, flow_times, fm_log_likeli
                                    nft_optimality, ratio_norm_log_ratio, velocity_kl)
 from flowcoach.core.policy import FlowPolicy, ForwardCounter, unwrap
 from flowcoach.core.registry import ADVANTAGES, ALGORITHMS, NOISE_LAWS, FlowcoachError, normalize_name
-from flowcoach.core.sampling.laws import law_mean_std
+from flowcoach.core.sampling.laws import gaussian_log_prob_elements, law_mean_std
 from flowcoach.core.sampling.rollout import Rollout, cond_to, index_cond
 from flowcoach.core.sampling.sampler import ode_completions, pair_log_probs, sample, time_grid
 from flowcoach.core.sampling.structures import get_structure
@@ -135,6 +135,7 @@ def validate(cfg: TrainConfig, domain: Domain | None = None) -> None:
                              "sampling times; lower it or use --loss.fwd-time uniform")
     if cfg.loss.fwd_draws < 1:
         raise FlowcoachError("loss.fwd_draws must be >= 1")
+    validate_element_credit(cfg, domain)
     from flowcoach.rewards import REWARD_ERRORS
 
     if cfg.reward_errors not in REWARD_ERRORS:
@@ -157,6 +158,30 @@ def validate(cfg: TrainConfig, domain: Domain | None = None) -> None:
         if adv == "dense":
             raise FlowcoachError("dense advantages score intermediate denoising states with the reward; an interact "
                                  "domain's reward scores whole episodes: use group advantages")
+
+
+def validate_element_credit(cfg: TrainConfig, domain: Domain | None) -> None:
+    weight = cfg.loss.element_weight
+    if weight < 0:
+        raise FlowcoachError(f"loss.element_weight must be >= 0, got {weight}")
+    if weight == 0:
+        return
+    adv = normalize_name(cfg.loss.advantage)
+    if cfg.loss.family != "ratio":
+        raise FlowcoachError(f"per-element credit trains each element's share of the SDE transition log-prob; "
+                             f"the '{cfg.loss.family}' loss has none: use a ratio algorithm (flow-grpo, ...) or "
+                             "--loss.element-weight 0")
+    if adv in ("tree", "dense") or cfg.loss.ratio_norm:
+        raise FlowcoachError("per-element credit adds to one advantage per sample and the plain ratio: use group or "
+                             "per-reward advantages without --loss.ratio-norm, or --loss.element-weight 0")
+    if domain is not None and (domain.kind == "interact"
+                               or type(domain).element_rewards is Domain.element_rewards):
+        raise FlowcoachError(f"the {domain.name} domain has no per-element rewards (Domain.element_rewards): "
+                             "use --loss.element-weight 0")
+    if domain is not None and not domain.element_rows_match and not cfg.sampler.same_noise_in_group:
+        raise FlowcoachError(f"per-element credit compares each row with the same row of the group's other samples; "
+                             f"the {domain.name} domain's rows are the same element only when the group shares its "
+                             "noise: add --sampler.same-noise-in-group")
 
 
 def step_generator(seed: int, step: int, process: int = 0, stream: int = 0) -> torch.Generator:
@@ -265,25 +290,43 @@ def forward_log_probs(velocity, rollout: Rollout, pairs: torch.Tensor, cfg: Trai
     return logp.reshape(len(pairs), N).mean(dim=1)
 
 
+class ElementCredit(NamedTuple):
+    """Per-element credit of one RL step (``--loss.element-weight``): advantages [B, E], the credited
+    elements [B, E] (bool) and the old policy's per-element log-prob shares [B, T, E]."""
+    advantages: torch.Tensor
+    credited: torch.Tensor
+    old_log_probs: torch.Tensor
+
+
 def pair_losses(policy: FlowPolicy, rollout: Rollout, pairs: torch.Tensor, advantages: torch.Tensor,
                 cfg: TrainConfig, old_log_probs: torch.Tensor | None = None,
-                gate: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                gate: torch.Tensor | None = None, elements: ElementCredit | None = None) -> tuple[torch.Tensor, dict]:
     """Per-pair loss [N] (policy + beta KL) for (sample, step) pairs, with diagnostics.
 
     old_log_probs [B, T] defaults to the rollout's own; ``gate`` [B] limits the KL to some samples.
-    Forward-process families read (sample, pair index) pairs instead (see ``_forward_batch``).
+    With ``elements`` the clipped ratio is taken per element (its share of the log-prob, its own
+    advantage) and summed over the credited elements. Forward-process families read (sample, pair
+    index) pairs instead (see ``_forward_batch``).
     """
     if cfg.loss.family != "ratio":
         return forward_pair_losses(policy, rollout, pairs, advantages, cfg, old_log_probs, gate)
     i, j = pairs[:, 0], pairs[:, 1]
     log_prob, mean, std = pair_log_probs(policy.velocity, rollout, pairs)
-    old = (rollout.log_probs if old_log_probs is None else old_log_probs)[i, j]
     clip_low, clip_high = cfg.resolved_clip()
-    adv = pair_advantages(advantages, pairs).to(log_prob.device)
-    log_ratio = None
-    if cfg.loss.ratio_norm:
-        log_ratio = ratio_norm_log_ratio(log_prob, old, mean, rollout.means[i, j], std, rollout.reduction)
-    loss, info = clipped_ratio_loss(log_prob, old, adv, clip_low, clip_high, log_ratio=log_ratio)
+    if elements is not None:
+        shares = gaussian_log_prob_elements(rollout.states[i, j + 1], mean, std, rollout.reduction)
+        credited = elements.credited[i.cpu()].to(shares.device)
+        per_element, info = clipped_ratio_loss(shares, elements.old_log_probs[i, j].to(shares.device),
+                                               elements.advantages[i.cpu()].to(shares.device), clip_low, clip_high)
+        loss = (per_element * credited).sum(dim=1)
+        info = {k: v[credited] for k, v in info.items()}
+    else:
+        old = (rollout.log_probs if old_log_probs is None else old_log_probs)[i, j]
+        adv = pair_advantages(advantages, pairs).to(log_prob.device)
+        log_ratio = None
+        if cfg.loss.ratio_norm:
+            log_ratio = ratio_norm_log_ratio(log_prob, old, mean, rollout.means[i, j], std, rollout.reduction)
+        loss, info = clipped_ratio_loss(log_prob, old, adv, clip_low, clip_high, log_ratio=log_ratio)
     t, t_next = rollout.step_times(i, j)
     weight = step_weights(rollout, pairs, cfg)
     if weight is not None:
@@ -737,11 +780,26 @@ def rl_step(policy, optimizer, accelerator, domain, cfg: TrainConfig, plan: Batc
                                                        cond_cpu, rewards, all_rewards, all_components, all_groups,
                                                        accelerator, mine)
     metrics.update(adv_info)
+    elements = None
+    if cfg.loss.element_weight > 0:
+        from flowcoach.core.advantages import element_advantages
+
+        element_rewards = domain.element_rewards(objects, cond_cpu)
+        if element_rewards is None or tuple(element_rewards.shape) != (rollout.batch_size, rollout.samples.shape[1]):
+            raise FlowcoachError(f"{domain.name}.element_rewards must return [B, E] = "
+                                 f"{[rollout.batch_size, rollout.samples.shape[1]]} (one reward per element row)")
+        element_adv, credited, signal, element_info = element_advantages(
+            advantages, element_rewards, rollout.group_ids, cfg.loss.element_weight, cfg.loss.adv_clip)
+        keep = keep | signal
+        metrics.update(element_info)
     t_adv = time.perf_counter()
 
     all_pairs = rollout.trained_pairs().cpu() if cfg.loss.family == "ratio" else forward_pairs(rollout, cfg)
     kept = keep[all_pairs[:, 0]] if keep.dim() == 1 else keep[all_pairs[:, 0], all_pairs[:, 1]]
     pairs = all_pairs[kept]
+    if cfg.loss.element_weight > 0:
+        elements = ElementCredit(element_adv, credited,
+                                 element_log_probs(policy, rollout, pairs, cfg.micro_batch, device))
     stats = {"ratio": [], "clipped": [], "approx_kl": [], "kl": [], "grad_norm": [], "loss": []}
     skipped_nonfinite = 0
     old_log_probs = rollout.log_probs if cfg.loss.family == "ratio" else None
@@ -756,7 +814,7 @@ def rl_step(policy, optimizer, accelerator, domain, cfg: TrainConfig, plan: Batc
             anchor_part = anchor_batch(anchor, cfg, step, epoch * cfg.optimizer_steps_per_epoch + k,
                                        accelerator.num_processes, rank) if anchor is not None else None
             grad_norm = optimizer_step_on(chunk, all_pairs[:1], policy, optimizer, accelerator, rollout, advantages,
-                                          old_log_probs, cfg, stats, gate=gate, anchor=anchor_part)
+                                          old_log_probs, cfg, stats, gate=gate, anchor=anchor_part, elements=elements)
             if grad_norm is None:
                 continue
             if not math.isfinite(grad_norm):
@@ -908,7 +966,8 @@ def anchor_batch(anchor: AnchorData, cfg: TrainConfig, step: int, k: int, world_
 
 
 def optimizer_step_on(chunk, filler, policy, optimizer, accelerator, rollout, advantages, old_log_probs,
-                      cfg: TrainConfig, stats: dict, gate=None, anchor: AnchorBatch | None = None) -> float | None:
+                      cfg: TrainConfig, stats: dict, gate=None, anchor: AnchorBatch | None = None,
+                      elements: ElementCredit | None = None) -> float | None:
     """One optimizer step over the pairs of ``chunk`` (micro-batched, gradients accumulated).
 
     The loss is the mean over the chunk's pairs on all processes together, so the update is the
@@ -944,7 +1003,7 @@ def optimizer_step_on(chunk, filler, policy, optimizer, accelerator, rollout, ad
         last = m == len(micro_batches) - 1
         uncounted = policy.counter.counting(None) if len(chunk) == 0 and policy.counter is not None else _null()
         with _null() if last else accelerator.no_sync(policy.model), uncounted:  # the filler is no real evaluation
-            loss, info = pair_losses(policy, rollout, micro.to(device), advantages, cfg, old_log_probs, gate)
+            loss, info = pair_losses(policy, rollout, micro.to(device), advantages, cfg, old_log_probs, gate, elements)
             weight = 0.0 if len(chunk) == 0 else scale
             total = loss.sum() * weight
             if not torch.isfinite(total):
@@ -986,6 +1045,21 @@ def recompute_log_probs(policy, rollout: Rollout, chunks, micro_batch: int, devi
             values = (forward_log_probs(policy.velocity, rollout, micro, cfg) if forward
                       else pair_log_probs(policy.velocity, rollout, micro)[0])
             old[micro[:, 0], micro[:, 1]] = values
+    return old
+
+
+@torch.no_grad()
+def element_log_probs(policy, rollout: Rollout, pairs: torch.Tensor, micro_batch: int, device) -> torch.Tensor:
+    """Per-element log-prob shares [B, T, E] of the stored transitions of ``pairs`` under the current
+    (pre-update) policy: the old policy of per-element credit; 0 elsewhere. They sum over elements to
+    the rollout's log_probs."""
+    B, T = rollout.log_probs.shape
+    old = torch.zeros(B, T, rollout.samples.shape[1], device=device)
+    for micro in pairs.split(micro_batch):
+        micro = micro.to(device)
+        i, j = micro[:, 0], micro[:, 1]
+        _, mean, std = pair_log_probs(policy.velocity, rollout, micro)
+        old[i, j] = gaussian_log_prob_elements(rollout.states[i, j + 1], mean, std, rollout.reduction)
     return old
 
 

@@ -130,6 +130,22 @@ def near_stability(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
     return torch.tensor(scores, dtype=torch.float32), {"invalid": _invalid(objects)}
 
 
+def atom_credit(objects: list, conditions, n_rows: int) -> torch.Tensor:
+    """Per-atom rewards [B, n_rows] on the sample's rows, for per-element credit: 1 for a stable atom
+    (EDM) in the largest bonded piece, 0 for any other row the condition's atom count asks for
+    (unstable, split off, or decoded as no atom), NaN for the padding rows past it."""
+    out = torch.full((len(objects), n_rows), float("nan"))
+    counts = torch.as_tensor(conditions)[:, 0].round().long().clamp(0, n_rows).tolist()
+    for b, (m, n) in enumerate(zip(objects, counts)):
+        out[b, :n] = 0.0
+        if m.rows is not None and m.num_atoms:
+            good = torch.as_tensor(m.stable_atoms & m.largest_piece, dtype=torch.float32)
+            rows = torch.as_tensor(m.rows, dtype=torch.long)
+            inside = rows < n  # a padding row decoded as an atom is not the model's to credit
+            out[b, rows[inside]] = good[inside]
+    return out
+
+
 def molecule_stability(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
     """1 if every atom is stable (EDM's molecule stability) and the bonds join them into one piece,
     else 0; 0 for an empty molecule. (The evaluator's molecule stability is EDM's, pieces allowed.)"""

@@ -112,6 +112,21 @@ def gaussian_log_prob(x_next, mean, std, reduction: str = "mean") -> torch.Tenso
     return reduce_dims(per_dim, reduction)
 
 
+def gaussian_log_prob_elements(x_next, mean, std, reduction: str = "mean") -> torch.Tensor:
+    """Each element's share [B, E] of ``gaussian_log_prob``, elements being the first sample axis
+    (a molecule's atoms): the Gaussian factorises over them, so the shares sum to the joint log-prob
+    under either reduction (mean: each share is its dimensions' sum over all the sample's dimensions)."""
+    stdb = expand_like(std, mean)
+    x_next, mean = x_next.float(), mean.float()
+    per_dim = -((x_next - mean) ** 2) / (2 * stdb**2) - torch.log(stdb) - LOG_SQRT_2PI
+    shares = per_dim.reshape(per_dim.shape[0], per_dim.shape[1], -1).sum(dim=2)
+    if reduction == "mean":
+        return shares / per_dim[0].numel()
+    if reduction == "sum":
+        return shares
+    raise FlowcoachError(f"log-prob reduction must be 'mean' or 'sum', got '{reduction}'")
+
+
 def gaussian_kl_same_std(mean_p, mean_q, std, reduction: str = "mean") -> torch.Tensor:
     """KL(N(mean_p, std^2) || N(mean_q, std^2)) = ||mean_p - mean_q||^2 / (2 std^2), reduced -> [B]."""
     stdb = expand_like(std, mean_p)

@@ -32,6 +32,7 @@ class GeneratedMolecule:
     fragment: object | None = None
     smiles: str | None = None
     props: dict = field(default_factory=dict)  # cached per-molecule values (QED, SA, ...)
+    rows: np.ndarray | None = None  # [n] the sample rows the atoms were decoded from (per-atom credit)
 
     @property
     def num_atoms(self) -> int:
@@ -129,8 +130,10 @@ def decode_sample(x: np.ndarray) -> GeneratedMolecule:
     if not finite:
         n = int(real.sum())
         return GeneratedMolecule([ATOM_TYPES[t] for t in kind[real]], x[real, :3], np.zeros((n, n), dtype=int),
-                                 np.zeros(n, dtype=bool))
-    return molecule_from_atoms(kind[real], x[real, :3])
+                                 np.zeros(n, dtype=bool), rows=np.nonzero(real)[0])
+    m = molecule_from_atoms(kind[real], x[real, :3])
+    m.rows = np.nonzero(real)[0]
+    return m
 
 
 def decode(x: torch.Tensor) -> list[GeneratedMolecule]:

@@ -237,6 +237,20 @@ def test_splitting_a_molecule_into_saturated_pieces_raises_no_stability_reward()
     assert float(REWARDS.get("mol-near-stability")([invalid_molecule()])[0][0]) == 0.5  # only the carbon
 
 
+def test_atom_credit_lands_on_the_rows_the_atoms_came_from(domain):
+    # methane with a row the model left without an atom between its carbon and hydrogens, and the
+    # same with one H missing (CH3: the carbon is unstable); the condition asks for 6 atoms
+    hydrogens = np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]]) * 1.09 / math.sqrt(3)
+    missing = _padding(1)
+    full = np.concatenate([_rows([C], [[0, 0, 0]]), missing, _rows([H] * 4, hydrogens), _padding(N_MAX - 6)])
+    ch3 = np.concatenate([_rows([C], [[0, 0, 0]]), missing, _rows([H] * 3, hydrogens[:3]), _padding(N_MAX - 5)])
+    objects = decode(torch.tensor(np.stack([full, ch3])))
+    credit = domain.element_rewards(objects, torch.tensor([[6.0, 1.0], [6.0, 1.0]]))
+    assert credit.shape == (2, N_MAX) and torch.isnan(credit[:, 6:]).all()
+    assert credit[0, :6].tolist() == [1, 0, 1, 1, 1, 1]
+    assert credit[1, :6].tolist() == [0, 0, 1, 1, 1, 0]
+
+
 def test_duplicate_penalty_is_per_group():
     objects = [smiles_mol(s) for s in ["CCO", "CCO", "CCN", "CCC", "CCO", "CCO"]] + [invalid_molecule()] * 2
     cond = torch.tensor([[9.0, 3.0]] * 4 + [[8.0, 3.0]] * 4)  # two groups of 4
