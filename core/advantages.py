@@ -204,13 +204,16 @@ def element_advantages(
     element_rewards: torch.Tensor,
     group_ids: torch.Tensor,
     weight: float,
+    std_scope: str = "group",
     clip: float = 5.0,
     eps: float = 1e-4,
     zero_std_tol: float = 1e-8,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """Per-element advantages [B, E]: the sample's own plus ``weight`` x its element reward against
-    the same element (row) in the group's other samples, c = r - mean_row, over the group's std of c
-    (all its credited elements), clipped to +-clip.
+    the same element (row) in the group's other samples, c = r - mean_row, over the std of c among
+    the credited elements of the group or (``std_scope`` global) of the whole batch, clipped to +-clip.
+    A group where a few elements of one sample differ has a tiny std of its own, which would blow
+    those few up to the clip: the global scope keeps them at their size relative to the batch.
 
     ``element_rewards`` [B, E] is NaN where an element earns no credit (padding). The baseline is per
     row because elements of different kinds differ in reward whatever the sample does (a molecule's
@@ -229,11 +232,20 @@ def element_advantages(
     var = torch.zeros(n).index_add_(0, inverse, (centred**2).sum(dim=1)) / count.sum(dim=1).clamp(min=1)
     std = var.sqrt()
     signal = (std > zero_std_tol)[inverse]
-    z = torch.where(signal[:, None], centred / (std[inverse][:, None] + eps), torch.zeros_like(r))
+    if std_scope == "global":
+        scale = (centred**2).sum().div(credited.sum().clamp(min=1)).sqrt().expand(len(r))
+    elif std_scope == "group":
+        scale = std[inverse]
+    else:
+        raise FlowcoachError(f"std_scope must be 'group' or 'global', got '{std_scope}'")
+    z = torch.where(signal[:, None], centred / (scale[:, None] + eps), torch.zeros_like(r))
     adv = torch.where(credited, sample_adv.float().cpu()[:, None] + weight * z, torch.zeros_like(r))
     if clip > 0:
         adv = adv.clamp(-clip, clip)
+    moved = credited & (centred != 0)
     info = {"element/reward_mean": float(r[credited].mean()) if credited.any() else 0.0,
+            "element/moved_ratio": float(moved.sum() / credited.sum().clamp(min=1)),
+            "element/z_abs_mean": float(z[moved].abs().mean()) if moved.any() else 0.0,
             "element/zero_std_ratio": float(1.0 - (std > zero_std_tol).float().mean()) if n else 0.0}
     return adv, credited, signal, info
 

@@ -44,6 +44,35 @@ def clipped_ratio_loss(
     return loss, {"ratio": ratio.detach(), "clipped": was_clipped, "approx_kl": approx_kl}
 
 
+def element_credit_loss(
+    shares: torch.Tensor,
+    log_ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    credited: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+) -> tuple[torch.Tensor, dict]:
+    """Per-pair loss [N] with one advantage per element, A [N, E], on the elements' log-prob shares
+    [N, E] (they sum to the step's log-prob) and the step's own log-ratio [N].
+
+    The step was sampled jointly, so its importance weight is the joint ratio r: the gradient is
+    -r sum_e A_e grad(share_e), which is the per-sample PPO gradient when every A_e = A. An element's
+    term is dropped where r is past the clip in its advantage's direction (PPO's pessimistic bound).
+    The value is the per-sample clipped loss averaged over the credited elements (for logging).
+    """
+    ratio = torch.exp(log_ratio)[:, None]
+    past = ((advantages > 0) & (ratio > 1.0 + clip_high)) | ((advantages < 0) & (ratio < 1.0 - clip_low))
+    live = credited & ~past
+    r = ratio.detach()
+    grad_part = (-advantages * r * (shares - shares.detach()) * live).sum(dim=1)
+    value = torch.maximum(-advantages * r, -advantages * r.clamp(1.0 - clip_low, 1.0 + clip_high))
+    value = (value * credited).sum(dim=1) / credited.sum(dim=1).clamp(min=1)
+    with torch.no_grad():
+        approx_kl = (ratio.squeeze(1) - 1.0) - log_ratio
+    return grad_part + value.detach(), {"ratio": ratio.squeeze(1).detach(), "clipped": past[credited].float(),
+                                        "approx_kl": approx_kl}
+
+
 def kl_to_reference(
     mean: torch.Tensor,
     ref_mean: torch.Tensor,

@@ -24,8 +24,8 @@ from flowcoach.core.checkpoint import (clean_stale, list_checkpoints, load_base,
                                        save_checkpoint)
 from flowcoach.core.config import TrainConfig, load_yaml, save_yaml
 from flowcoach.core.domain import Domain, get_domain, structure_loss_of
-from flowcoach.core.losses import (clipped_ratio_loss, flow_times, fm_log_likelihood, kl_to_reference, nft_loss,
-                                   nft_optimality, ratio_norm_log_ratio, velocity_kl)
+from flowcoach.core.losses import (clipped_ratio_loss, element_credit_loss, flow_times, fm_log_likelihood,
+                                   kl_to_reference, nft_loss, nft_optimality, ratio_norm_log_ratio, velocity_kl)
 from flowcoach.core.policy import FlowPolicy, ForwardCounter, unwrap
 from flowcoach.core.registry import ADVANTAGES, ALGORITHMS, NOISE_LAWS, FlowcoachError, normalize_name
 from flowcoach.core.sampling.laws import gaussian_log_prob_elements, law_mean_std
@@ -291,11 +291,10 @@ def forward_log_probs(velocity, rollout: Rollout, pairs: torch.Tensor, cfg: Trai
 
 
 class ElementCredit(NamedTuple):
-    """Per-element credit of one RL step (``--loss.element-weight``): advantages [B, E], the credited
-    elements [B, E] (bool) and the old policy's per-element log-prob shares [B, T, E]."""
+    """Per-element credit of one RL step (``--loss.element-weight``): advantages [B, E] and the
+    credited elements [B, E] (bool)."""
     advantages: torch.Tensor
     credited: torch.Tensor
-    old_log_probs: torch.Tensor
 
 
 def pair_losses(policy: FlowPolicy, rollout: Rollout, pairs: torch.Tensor, advantages: torch.Tensor,
@@ -304,24 +303,21 @@ def pair_losses(policy: FlowPolicy, rollout: Rollout, pairs: torch.Tensor, advan
     """Per-pair loss [N] (policy + beta KL) for (sample, step) pairs, with diagnostics.
 
     old_log_probs [B, T] defaults to the rollout's own; ``gate`` [B] limits the KL to some samples.
-    With ``elements`` the clipped ratio is taken per element (its share of the log-prob, its own
-    advantage) and summed over the credited elements. Forward-process families read (sample, pair
-    index) pairs instead (see ``_forward_batch``).
+    With ``elements`` each element's share of the log-prob is trained with its own advantage under
+    the step's ratio (``element_credit_loss``). Forward-process families read (sample, pair index)
+    pairs instead (see ``_forward_batch``).
     """
     if cfg.loss.family != "ratio":
         return forward_pair_losses(policy, rollout, pairs, advantages, cfg, old_log_probs, gate)
     i, j = pairs[:, 0], pairs[:, 1]
     log_prob, mean, std = pair_log_probs(policy.velocity, rollout, pairs)
     clip_low, clip_high = cfg.resolved_clip()
+    old = (rollout.log_probs if old_log_probs is None else old_log_probs)[i, j]
     if elements is not None:
         shares = gaussian_log_prob_elements(rollout.states[i, j + 1], mean, std, rollout.reduction)
-        credited = elements.credited[i.cpu()].to(shares.device)
-        per_element, info = clipped_ratio_loss(shares, elements.old_log_probs[i, j].to(shares.device),
-                                               elements.advantages[i.cpu()].to(shares.device), clip_low, clip_high)
-        loss = (per_element * credited).sum(dim=1)
-        info = {k: v[credited] for k, v in info.items()}
+        loss, info = element_credit_loss(shares, log_prob - old, elements.advantages[i.cpu()].to(shares.device),
+                                         elements.credited[i.cpu()].to(shares.device), clip_low, clip_high)
     else:
-        old = (rollout.log_probs if old_log_probs is None else old_log_probs)[i, j]
         adv = pair_advantages(advantages, pairs).to(log_prob.device)
         log_ratio = None
         if cfg.loss.ratio_norm:
@@ -789,7 +785,7 @@ def rl_step(policy, optimizer, accelerator, domain, cfg: TrainConfig, plan: Batc
             raise FlowcoachError(f"{domain.name}.element_rewards must return [B, E] = "
                                  f"{[rollout.batch_size, rollout.samples.shape[1]]} (one reward per element row)")
         element_adv, credited, signal, element_info = element_advantages(
-            advantages, element_rewards, rollout.group_ids, cfg.loss.element_weight, cfg.loss.adv_clip)
+            advantages, element_rewards, rollout.group_ids, cfg.loss.element_weight, cfg.loss.std_scope, cfg.loss.adv_clip)
         keep = keep | signal
         metrics.update(element_info)
     t_adv = time.perf_counter()
@@ -798,8 +794,7 @@ def rl_step(policy, optimizer, accelerator, domain, cfg: TrainConfig, plan: Batc
     kept = keep[all_pairs[:, 0]] if keep.dim() == 1 else keep[all_pairs[:, 0], all_pairs[:, 1]]
     pairs = all_pairs[kept]
     if cfg.loss.element_weight > 0:
-        elements = ElementCredit(element_adv, credited,
-                                 element_log_probs(policy, rollout, pairs, cfg.micro_batch, device))
+        elements = ElementCredit(element_adv, credited)
     stats = {"ratio": [], "clipped": [], "approx_kl": [], "kl": [], "grad_norm": [], "loss": []}
     skipped_nonfinite = 0
     old_log_probs = rollout.log_probs if cfg.loss.family == "ratio" else None
@@ -1045,21 +1040,6 @@ def recompute_log_probs(policy, rollout: Rollout, chunks, micro_batch: int, devi
             values = (forward_log_probs(policy.velocity, rollout, micro, cfg) if forward
                       else pair_log_probs(policy.velocity, rollout, micro)[0])
             old[micro[:, 0], micro[:, 1]] = values
-    return old
-
-
-@torch.no_grad()
-def element_log_probs(policy, rollout: Rollout, pairs: torch.Tensor, micro_batch: int, device) -> torch.Tensor:
-    """Per-element log-prob shares [B, T, E] of the stored transitions of ``pairs`` under the current
-    (pre-update) policy: the old policy of per-element credit; 0 elsewhere. They sum over elements to
-    the rollout's log_probs."""
-    B, T = rollout.log_probs.shape
-    old = torch.zeros(B, T, rollout.samples.shape[1], device=device)
-    for micro in pairs.split(micro_batch):
-        micro = micro.to(device)
-        i, j = micro[:, 0], micro[:, 1]
-        _, mean, std = pair_log_probs(policy.velocity, rollout, micro)
-        old[i, j] = gaussian_log_prob_elements(rollout.states[i, j + 1], mean, std, rollout.reduction)
     return old
 
 

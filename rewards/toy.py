@@ -38,6 +38,15 @@ def mode_reward(objects: list, conditions, width: float = 0.5) -> tuple[torch.Te
     return scores, {"invalid": int((~finite).sum())}
 
 
+def mode_reward_factors(objects: list, conditions, width: float = 0.5) -> torch.Tensor:
+    """[B, 2] the per-coordinate factors exp(-(x_k - m_k)^2 / (2 width^2)) of ``mode_reward`` (their
+    product is it): the toy's per-element rewards. A non-finite coordinate scores 0."""
+    x = _points(objects)
+    target = mode_centres()[torch.as_tensor(conditions).long().reshape(-1)]
+    factors = torch.exp(-((torch.nan_to_num(x) - target) ** 2) / (2 * width**2))
+    return torch.where(torch.isfinite(x), factors, torch.zeros_like(factors))
+
+
 def on_manifold_reward(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
     """exp(-d^2 / (2 (3 std)^2)), d the distance to the nearest mode: rewards staying on the data."""
     x = torch.nan_to_num(_points(objects), nan=1e3, posinf=1e3, neginf=-1e3)

@@ -17,7 +17,7 @@ import torch
 
 from flowcoach.core.domain import Domain
 from flowcoach.core.nets.mlp import MLPVelocity
-from flowcoach.rewards.toy import MODE_STD, NUM_MODES, mode_centres
+from flowcoach.rewards.toy import MODE_STD, NUM_MODES, mode_centres, mode_reward_factors
 
 DATA_SEED = 1234
 
@@ -90,6 +90,10 @@ class ToyDomain(Domain):
 
     def default_rewards(self) -> dict[str, float]:
         return {"toy-mode": 1.0}
+
+    def element_rewards(self, objects: list, conditions) -> torch.Tensor:
+        # the mode reward is a product over the two coordinates: each one's factor is its own credit
+        return mode_reward_factors(objects, conditions)
 
     def evaluate(self, objects: list, conditions) -> dict[str, float]:
         x = torch.as_tensor(np.stack(objects)).float()
