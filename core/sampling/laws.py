@@ -104,21 +104,22 @@ def reduce_dims(values: torch.Tensor, reduction: str) -> torch.Tensor:
     raise FlowcoachError(f"log-prob reduction must be 'mean' or 'sum', got '{reduction}'")
 
 
+def gaussian_log_density(x_next, mean, std) -> torch.Tensor:
+    """log N(x_next; mean, std^2) of every dimension [B, ...], std per sample [B] or scalar."""
+    stdb = expand_like(std, mean)
+    return -((x_next.float() - mean.float()) ** 2) / (2 * stdb**2) - torch.log(stdb) - LOG_SQRT_2PI
+
+
 def gaussian_log_prob(x_next, mean, std, reduction: str = "mean") -> torch.Tensor:
     """Exact log N(x_next; mean, std^2 I) per sample, reduced over dimensions -> [B]."""
-    stdb = expand_like(std, mean)
-    x_next, mean = x_next.float(), mean.float()
-    per_dim = -((x_next - mean) ** 2) / (2 * stdb**2) - torch.log(stdb) - LOG_SQRT_2PI
-    return reduce_dims(per_dim, reduction)
+    return reduce_dims(gaussian_log_density(x_next, mean, std), reduction)
 
 
 def gaussian_log_prob_elements(x_next, mean, std, reduction: str = "mean") -> torch.Tensor:
     """Each element's share [B, E] of ``gaussian_log_prob``, elements being the first sample axis
     (a molecule's atoms): the Gaussian factorises over them, so the shares sum to the joint log-prob
     under either reduction (mean: each share is its dimensions' sum over all the sample's dimensions)."""
-    stdb = expand_like(std, mean)
-    x_next, mean = x_next.float(), mean.float()
-    per_dim = -((x_next - mean) ** 2) / (2 * stdb**2) - torch.log(stdb) - LOG_SQRT_2PI
+    per_dim = gaussian_log_density(x_next, mean, std)
     shares = per_dim.reshape(per_dim.shape[0], per_dim.shape[1], -1).sum(dim=2)
     if reduction == "mean":
         return shares / per_dim[0].numel()
