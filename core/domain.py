@@ -186,6 +186,11 @@ def check_domain(domain: Domain, batch: int = 4) -> list[str]:
     scores, _ = reward(objects, cond)
     ok(tuple(scores.shape) == (batch,), "reward returns one score per sample")
     ok(bool(torch.isfinite(scores).all()), "reward is finite on random samples")
+    if domain.kind == "generate" and type(domain).element_rewards is not Domain.element_rewards:
+        per_element = domain.element_rewards(objects, cond)
+        ok(isinstance(per_element, torch.Tensor) and tuple(per_element.shape) == (batch, domain.sample_shape[0]),
+           "element_rewards returns one reward per sample row")
+        ok(not bool(torch.isinf(per_element).any()), "element rewards are finite or NaN (no credit)")
     metrics = domain.evaluate(objects, cond)
     ok(isinstance(metrics, dict) and all(isinstance(v, float) for v in metrics.values()),
        "evaluate returns a dict of floats")

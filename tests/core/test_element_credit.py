@@ -169,3 +169,16 @@ def test_an_element_is_dropped_only_where_the_step_s_ratio_is_past_the_clip_its_
     got = grads(policy, loss.sum())
     shares, _, _ = element_shares(policy, rollout, pairs)
     assert torch.allclose(got, grads(policy, math.exp(3 * clip) * shares[:, 1].sum()), rtol=1e-4, atol=1e-7)
+
+
+def test_check_domain_checks_element_rewards():
+    from flowcoach.core.domain import check_domain
+
+    assert "element_rewards returns one reward per sample row" in check_domain(ToyDomain())
+
+    class WrongRows(ToyDomain):
+        def element_rewards(self, objects, conditions):
+            return torch.zeros(len(objects), 3)
+
+    with pytest.raises(FlowcoachError, match="element_rewards returns one reward per sample row"):
+        check_domain(WrongRows())
