@@ -785,16 +785,16 @@ def rl_step(policy, optimizer, accelerator, domain, cfg: TrainConfig, plan: Batc
             raise FlowcoachError(f"{domain.name}.element_rewards must return [B, E] = "
                                  f"{[rollout.batch_size, rollout.samples.shape[1]]} (one reward per element row)")
         element_adv, credited, signal, element_info = element_advantages(
-            advantages, element_rewards, rollout.group_ids, cfg.loss.element_weight, cfg.loss.std_scope, cfg.loss.adv_clip)
-        keep = keep | signal
+            advantages, element_rewards, rollout.group_ids, cfg.loss.element_weight, cfg.loss.std_scope,
+            cfg.loss.adv_clip)
+        elements = ElementCredit(element_adv, credited)
+        keep = keep | signal  # a group with equal rewards may still differ atom by atom
         metrics.update(element_info)
     t_adv = time.perf_counter()
 
     all_pairs = rollout.trained_pairs().cpu() if cfg.loss.family == "ratio" else forward_pairs(rollout, cfg)
     kept = keep[all_pairs[:, 0]] if keep.dim() == 1 else keep[all_pairs[:, 0], all_pairs[:, 1]]
     pairs = all_pairs[kept]
-    if cfg.loss.element_weight > 0:
-        elements = ElementCredit(element_adv, credited)
     stats = {"ratio": [], "clipped": [], "approx_kl": [], "kl": [], "grad_norm": [], "loss": []}
     skipped_nonfinite = 0
     old_log_probs = rollout.log_probs if cfg.loss.family == "ratio" else None
