@@ -24,8 +24,8 @@ import torch
 from flowcoach.core.checkpoint import load_trained
 from flowcoach.core.sampling.sampler import sample, time_grid
 from flowcoach.domains.molecules import MoleculesDomain
-from flowcoach.domains.molecules.chem import (ATOM_TYPES, DOUBLE, MARGINS_PM, SINGLE, TRIPLE, VALENCE, atom_stability,
-                                              bond_orders)
+from flowcoach.domains.molecules.chem import (ATOM_TYPES, VALENCE, atom_stability, bond_orders, bond_thresholds,
+                                              pair_distances)
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMES = (0.01, 0.03, 0.1, 0.2, 0.4, 0.6, 0.8)
@@ -59,11 +59,8 @@ def bonding_errors(molecules) -> dict:
 def threshold_distance(types: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """[n] per atom: how far (A) its nearest pair distance is from a bond-order threshold of EDM's rule
     (tabulated length + margin, for every order the pair has). Small = a few pm decide its bonds."""
-    d = np.linalg.norm(positions[:, None] - positions[None], axis=-1)
-    gap = np.full(d.shape, np.inf)
-    for table, margin in zip((SINGLE, DOUBLE, TRIPLE), MARGINS_PM):
-        length = table[types[:, None], types[None, :]]
-        gap = np.where(length > 0, np.minimum(gap, np.abs(d - (length + margin / 100.0))), gap)
+    gap = np.abs(pair_distances(positions) - bond_thresholds(types))
+    gap = np.where(np.isnan(gap), np.inf, gap).min(axis=0)
     np.fill_diagonal(gap, np.inf)
     return gap.min(axis=1) if len(types) > 1 else np.full(len(types), np.inf)
 

@@ -43,18 +43,33 @@ def _table(lengths: dict) -> np.ndarray:
 SINGLE, DOUBLE, TRIPLE = _table(_SINGLE), _table(_DOUBLE), _table(_TRIPLE)
 
 
+def bond_thresholds(types: np.ndarray) -> np.ndarray:
+    """[3, n, n] per bond order 1-3, the distance (A) under which a pair of these types has that order
+    (EDM: tabulated length + margin); NaN where the order does not exist for the pair."""
+    types = np.asarray(types, dtype=int)
+    out = []
+    for table, margin in zip((SINGLE, DOUBLE, TRIPLE), MARGINS_PM):
+        length = table[types[:, None], types[None, :]]
+        out.append(np.where(length > 0, length + margin / 100.0, np.nan))
+    return np.stack(out)
+
+
+def pair_distances(positions: np.ndarray) -> np.ndarray:
+    """[n, n] interatomic distances (A)."""
+    return np.linalg.norm(positions[:, None, :] - positions[None, :, :], axis=-1)
+
+
 def bond_orders(types: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """[n, n] int bond orders (0-3) from type indices [n] and positions [n, 3] in Angstrom (EDM's rule)."""
     types = np.asarray(types, dtype=int)
     n = len(types)
     if n == 0:
         return np.zeros((0, 0), dtype=int)
-    d = np.linalg.norm(positions[:, None, :] - positions[None, :, :], axis=-1)
+    d = pair_distances(positions)
     orders = np.zeros((n, n), dtype=int)
-    # each order needs its length to exist for the pair and the distance to be under length + margin
-    for order, (table, margin) in enumerate(zip((SINGLE, DOUBLE, TRIPLE), MARGINS_PM), start=1):
-        length = table[types[:, None], types[None, :]]
-        hit = (length > 0) & (d < length + margin / 100.0)
+    # each order needs its length to exist for the pair (NaN compares False) and the distance under it
+    for order, threshold in enumerate(bond_thresholds(types), start=1):
+        hit = d < threshold
         if order == 1:
             orders = hit.astype(int)
         else:

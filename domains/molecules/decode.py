@@ -126,13 +126,13 @@ def decode_sample(x: np.ndarray) -> GeneratedMolecule:
     finite = bool(np.isfinite(x).all())
     x = np.nan_to_num(x, nan=0.0, posinf=1e6, neginf=-1e6)
     kind = x[:, 3:].argmax(axis=1)
-    real = kind != ABSENT
+    rows = np.flatnonzero(kind != ABSENT)
     if not finite:
-        n = int(real.sum())
-        return GeneratedMolecule([ATOM_TYPES[t] for t in kind[real]], x[real, :3], np.zeros((n, n), dtype=int),
-                                 np.zeros(n, dtype=bool), rows=np.nonzero(real)[0])
-    m = molecule_from_atoms(kind[real], x[real, :3])
-    m.rows = np.nonzero(real)[0]
+        n = len(rows)
+        return GeneratedMolecule([ATOM_TYPES[t] for t in kind[rows]], x[rows, :3], np.zeros((n, n), dtype=int),
+                                 np.zeros(n, dtype=bool), rows=rows)
+    m = molecule_from_atoms(kind[rows], x[rows, :3])
+    m.rows = rows
     return m
 
 
