@@ -44,11 +44,18 @@ crystal-formula-duplicate is the same on compositions alone: a de novo group dri
 (F2, Cl2, chlorides) long before two of its cells match; in structure prediction a group shares its
 formula, so every sample scores -1 and the group-relative advantage ignores it.
 
+``atom_credit`` is not a reward term but the domain's per-atom rewards for ``--loss.element-weight``
+(``CrystalsDomain.element_rewards``): an atom is blamed where it collides, or where the composition is not
+charge-balanced and its element is one that a single atom too many or too few explains
+(``blamed_elements``); the rest of the crystal's atoms are credited.
+
 CHGNet is called once per structure per process (results are cached), however many of these rewards
 are composed. The proxy hull is the domain's (its elemental references and training crystals).
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -158,6 +165,55 @@ def volume_reference(objects: list, conditions=None) -> tuple[torch.Tensor, dict
             continue
         scores.append(float(max(-abs(np.log(s.volume / ref)), -5.0)))
     return torch.tensor(scores, dtype=torch.float32), {"invalid": off}
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _counts_valid(counts: tuple[tuple[str, int], ...]) -> bool:
+    from pymatgen.core import Composition
+
+    return physics.composition_valid(Composition(dict(counts)))
+
+
+def blamed_elements(counts: dict[str, int]) -> set[str]:
+    """The elements of a composition that is not SMACT-valid one of whose atoms, changed to another
+    element of the composition or left out, would make it valid (with two elements or more left: a
+    single element passes SMACT and is no fix). Empty when no single such change does. De novo, most
+    invalid compositions are one atom off a valid one (CsBr4 in a 5-atom cell: one Br too many)."""
+    blamed = set()
+    for element in counts:
+        for other in [e for e in counts if e != element] + [None]:
+            changed = dict(counts)
+            changed[element] -= 1
+            if other is not None:
+                changed[other] += 1
+            key = tuple(sorted((e, n) for e, n in changed.items() if n > 0))
+            if len(key) >= 2 and _counts_valid(key):
+                blamed.add(element)
+                break
+    return blamed
+
+
+def atom_credit(objects: list, conditions, n_rows: int) -> torch.Tensor:
+    """Per-atom rewards [B, n_rows] on the sample's rows, for per-element credit (--loss.element-weight):
+    1 for an atom that is no closer than 0.5 Å to another site or its own image and, where the
+    composition is not SMACT-valid, not of a blamed element (``blamed_elements``; every element when
+    none is); 0 for the other atoms, for every atom row of an undecodable sample and for a row the
+    condition marks as an atom that decoded as none; NaN for the rest (padding, the lattice row)."""
+    atoms = torch.as_tensor(conditions) > 0
+    out = torch.full((len(objects), n_rows), float("nan"))
+    out[:, :atoms.shape[1]][atoms] = 0.0
+    for b, s in enumerate(objects):
+        if s is None or not len(s) or not np.isfinite(s.volume) or s.volume <= physics.MIN_VOLUME:
+            continue
+        good = physics.site_min_distances(s) > physics.MIN_DISTANCE
+        if not physics.composition_ok(s):
+            counts = {e.symbol: int(round(n)) for e, n in s.composition.items()}
+            blamed = blamed_elements(counts) or set(counts)
+            good &= np.array([site.specie.symbol not in blamed for site in s])
+        rows = np.asarray(s.properties["rows"])
+        inside = atoms[b, rows].numpy()  # a padding row decoded as an atom is not the model's to credit
+        out[b, rows[inside]] = torch.from_numpy(good[inside].astype(np.float32))
+    return out
 
 
 DISTANCE_TARGET = 1.1  # Å: below every training crystal's shortest distance (1.14 Å)

@@ -35,7 +35,9 @@ def decode_one(x: np.ndarray):
         lattice = Lattice.from_parameters(*params)
         if not np.isfinite(lattice.volume) or lattice.volume <= 0 or not np.isfinite(lattice.matrix).all():
             return None
-        return Structure(lattice, [VOCAB[i - 1] for i in index[rows]], torus.wrap(x[rows, :3].astype(np.float64)))
+        # properties["rows"]: the sample row of each site, for per-atom credit (rewards.crystals.atom_credit)
+        return Structure(lattice, [VOCAB[i - 1] for i in index[rows]], torus.wrap(x[rows, :3].astype(np.float64)),
+                         properties={"rows": rows.tolist()})
 
 
 def decode(x: torch.Tensor) -> list:

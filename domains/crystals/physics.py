@@ -21,15 +21,22 @@ MAX_VOLUME_PER_ATOM = 200.0  # Å^3: beyond, a structure has "exploded"; no pote
 STABLE_EHULL = 0.1  # eV/atom: proxy-stable (MatterGen's metastability window)
 
 
-def min_periodic_distance(structure) -> float:
-    """Shortest distance between two sites, or between a site and its own periodic image (Å)."""
+def self_image_distance(structure) -> float:
+    """Distance between a site and its own nearest periodic image (Å): the shortest lattice vector."""
     lattice = structure.lattice.get_lll_reduced_lattice()
     shifts = np.array([[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1) if (i, j, k) != (0, 0, 0)])
-    self_image = float(np.linalg.norm(shifts @ lattice.matrix, axis=1).min())
-    if len(structure) < 2:
-        return self_image
+    return float(np.linalg.norm(shifts @ lattice.matrix, axis=1).min())
+
+
+def site_min_distances(structure) -> np.ndarray:
+    """Per site, the shortest distance to another site or to its own periodic image (Å)."""
     d = structure.distance_matrix + np.eye(len(structure)) * 1e9
-    return float(min(d.min(), self_image))
+    return np.minimum(d.min(axis=1), self_image_distance(structure))
+
+
+def min_periodic_distance(structure) -> float:
+    """Shortest distance between two sites, or between a site and its own periodic image (Å)."""
+    return float(site_min_distances(structure).min())
 
 
 def structure_ok(structure) -> bool:

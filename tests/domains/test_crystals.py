@@ -120,6 +120,9 @@ def test_encode_decode_and_cif_round_trip(tmp_path):
     objects = decode(x)
     matcher = StructureMatcher()
     assert all(o is not None and matcher.fit(o, s) for o in objects)
+    assert objects[0].properties["rows"] == [0, 1]  # each site's sample row (per-atom credit)
+    x[0, 0, 3:] = torch.tensor(to_bits(np.array(0)))  # row 0 now holds no atom
+    assert decode(x[:1])[0].properties["rows"] == [1]
     files = save_structures(objects, torch.tensor([1.0, 0.5, 0.0]), tmp_path)
     back = CifParser(files[1]).parse_structures(primitive=False)[0]
     assert matcher.fit(back, s)
@@ -166,6 +169,42 @@ def test_validity_rewards(name, expected):
     scores, info = build_reward({name: 1.0})(_three(), None)
     assert scores.tolist() == expected
     assert info[f"{name}/invalid"] == expected.count(0)
+
+
+def test_blamed_elements_are_the_ones_a_single_atom_change_makes_charge_balanced():
+    from flowcoach.rewards.crystals import blamed_elements
+
+    # NaCl2: Na+ and Cl- leave -1; one Cl less is NaCl, while Na -> Cl is Cl3, a single element (no fix)
+    assert blamed_elements({"Na": 1, "Cl": 2}) == {"Cl"}
+    # Mg2S3: one S less is MgS; Mg -> S gives MgS4, one Mg less MgS3, both unbalanced
+    assert blamed_elements({"Mg": 2, "S": 3}) == {"S"}
+    # CsBr4 (a 5-atom cell): CsBr3 and Cs2Br3 are unbalanced and Br5 is one element: no single fix
+    assert blamed_elements({"Cs": 1, "Br": 4}) == set()
+
+
+def test_atom_credit_blames_colliding_and_miscounted_atoms_per_row():
+    from flowcoach.rewards.crystals import atom_credit
+
+    def crystal(species, frac, rows, a=5.64):
+        return Structure(Lattice.cubic(a), species, frac, properties={"rows": rows})
+
+    nacl = crystal(["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]], [0, 1])
+    # four atoms asked for; row 1 decoded as no atom, the other three are NaCl2: the Cl rows are blamed
+    nacl2 = crystal(["Na", "Cl", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5], [0, 0.5, 0.5]], [0, 2, 3])
+    # Na and Cl 0.2 Å apart (both collide), and a third atom far from both; row 3 is past the condition
+    overlap = crystal(["Na", "Cl", "Na", "Cl"], [[0, 0, 0], [0.04, 0, 0], [0.5, 0.5, 0.5], [0.5, 0, 0]],
+                      [0, 1, 2, 3], a=5.0)
+    cond = torch.zeros(4, N_MAX, dtype=torch.long)
+    cond[0, :2] = cond[1, :4] = cond[2, :3] = cond[3, :3] = 7
+    credit = atom_credit([nacl, nacl2, overlap, None], cond, N_MAX + 1)
+    nan = float("nan")
+    expected = torch.full((4, N_MAX + 1), nan)
+    expected[0, :2] = torch.tensor([1.0, 1.0])
+    expected[1, :4] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    expected[2, :3] = torch.tensor([0.0, 0.0, 1.0])
+    expected[3, :3] = 0.0
+    assert torch.equal(credit.isnan(), expected.isnan())
+    assert torch.equal(credit.nan_to_num(-1), expected.nan_to_num(-1))
 
 
 def test_smact_rejects_a_charged_composition():
