@@ -178,7 +178,10 @@ def blamed_elements(counts: dict[str, int]) -> set[str]:
     """The elements of a composition that is not SMACT-valid one of whose atoms, changed to another
     element of the composition or left out, would make it valid (with two elements or more left: a
     single element passes SMACT and is no fix). Empty when no single such change does. De novo, most
-    invalid compositions are one atom off a valid one (CsBr4 in a 5-atom cell: one Br too many)."""
+    invalid compositions are one atom off a valid one (CsBr4 in a 5-atom cell: one Br too many). Changes
+    to elements absent from the crystal are not tried: with every cation (anion) of the vocabulary as a
+    candidate, 125 of base-dng-wide's 133 invalid samples in 500 blamed every atom (no credit to give);
+    with this rule 70 blame some atoms and credit the rest."""
     blamed = set()
     for element in counts:
         for other in [e for e in counts if e != element] + [None]:
