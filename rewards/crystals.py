@@ -213,6 +213,9 @@ def atom_credit(objects: list, conditions, n_rows: int) -> torch.Tensor:
             counts = {e.symbol: int(round(n)) for e, n in s.composition.items()}
             blamed = blamed_elements(counts) or set(counts)
             good &= np.array([site.specie.symbol not in blamed for site in s])
+        if "rows" not in s.properties:
+            raise FlowcoachError("per-atom credit needs the crystals domain's decoded structures (their "
+                                 "properties['rows'] map sites to sample rows); decode samples with its decode()")
         rows = np.asarray(s.properties["rows"])
         inside = atoms[b, rows].numpy()  # a padding row decoded as an atom is not the model's to credit
         out[b, rows[inside]] = torch.from_numpy(good[inside].astype(np.float32))

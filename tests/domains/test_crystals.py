@@ -183,6 +183,7 @@ def test_blamed_elements_are_the_ones_a_single_atom_change_makes_charge_balanced
 
 
 def test_atom_credit_blames_colliding_and_miscounted_atoms_per_row():
+    from flowcoach.core.registry import FlowcoachError
     from flowcoach.rewards.crystals import atom_credit
 
     def crystal(species, frac, rows, a=5.64):
@@ -205,6 +206,8 @@ def test_atom_credit_blames_colliding_and_miscounted_atoms_per_row():
     expected[3, :3] = 0.0
     assert torch.equal(credit.isnan(), expected.isnan())
     assert torch.equal(credit.nan_to_num(-1), expected.nan_to_num(-1))
+    with pytest.raises(FlowcoachError, match="decoded structures"):  # not from the domain's decoder
+        atom_credit([rocksalt()], cond[:1], N_MAX + 1)
 
 
 def test_smact_rejects_a_charged_composition():
