@@ -168,10 +168,15 @@ def volume_reference(objects: list, conditions=None) -> tuple[torch.Tensor, dict
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _counts_valid(counts: tuple[tuple[str, int], ...]) -> bool:
+def _smact_valid(counts: tuple[tuple[str, int], ...]) -> bool:
     from pymatgen.core import Composition
 
     return physics.composition_valid(Composition(dict(counts)))
+
+
+def _counts_valid(counts: dict[str, int]) -> bool:
+    """SMACT validity of element counts (zero counts dropped), cached: the same few compositions recur."""
+    return _smact_valid(tuple(sorted((e, n) for e, n in counts.items() if n > 0)))
 
 
 def blamed_elements(counts: dict[str, int]) -> set[str]:
@@ -189,8 +194,7 @@ def blamed_elements(counts: dict[str, int]) -> set[str]:
             changed[element] -= 1
             if other is not None:
                 changed[other] += 1
-            key = tuple(sorted((e, n) for e, n in changed.items() if n > 0))
-            if len(key) >= 2 and _counts_valid(key):
+            if sum(n > 0 for n in changed.values()) >= 2 and _counts_valid(changed):
                 blamed.add(element)
                 break
     return blamed
@@ -206,11 +210,11 @@ def atom_credit(objects: list, conditions, n_rows: int) -> torch.Tensor:
     out = torch.full((len(objects), n_rows), float("nan"))
     out[:, :atoms.shape[1]][atoms] = 0.0
     for b, s in enumerate(objects):
-        if s is None or not len(s) or not np.isfinite(s.volume) or s.volume <= physics.MIN_VOLUME:
+        if not physics.has_cell(s):
             continue
         good = physics.site_min_distances(s) > physics.MIN_DISTANCE
-        if not physics.composition_ok(s):
-            counts = {e.symbol: int(round(n)) for e, n in s.composition.items()}
+        counts = {e.symbol: int(round(n)) for e, n in s.composition.items()}
+        if not _counts_valid(counts):
             blamed = blamed_elements(counts) or set(counts)
             good &= np.array([site.specie.symbol not in blamed for site in s])
         if "rows" not in s.properties:

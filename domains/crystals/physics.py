@@ -39,14 +39,17 @@ def min_periodic_distance(structure) -> float:
     return float(site_min_distances(structure).min())
 
 
-def structure_ok(structure) -> bool:
-    """CDVAE/DiffCSP structural validity: min periodic distance > 0.5 Å and volume > 0.1 Å^3."""
+def has_cell(structure) -> bool:
+    """Sites in a cell of finite volume over 0.1 Å^3: what distances can be measured in."""
     if structure is None or len(structure) == 0:
         return False
     volume = float(structure.volume)
-    if not np.isfinite(volume) or volume <= MIN_VOLUME:
-        return False
-    return min_periodic_distance(structure) > MIN_DISTANCE
+    return bool(np.isfinite(volume) and volume > MIN_VOLUME)
+
+
+def structure_ok(structure) -> bool:
+    """CDVAE/DiffCSP structural validity: min periodic distance > 0.5 Å and volume > 0.1 Å^3."""
+    return has_cell(structure) and min_periodic_distance(structure) > MIN_DISTANCE
 
 
 def composition_ok(structure) -> bool:
