@@ -28,6 +28,7 @@ REWARDS.register("mol-stability", "flowcoach.rewards.molecules:molecule_stabilit
 REWARDS.register("mol-connected-stability", "flowcoach.rewards.molecules:connected_stability")
 REWARDS.register("mol-near-stability", "flowcoach.rewards.molecules:near_stability")
 REWARDS.register("mol-qed", "flowcoach.rewards.molecules:qed")
+REWARDS.register("mol-qed-in-group", "flowcoach.rewards.molecules:qed_in_group")
 REWARDS.register("mol-sa", "flowcoach.rewards.molecules:sa")
 REWARDS.register("mol-logp-window", "flowcoach.rewards.molecules:logp_window")
 REWARDS.register("mol-mw-window", "flowcoach.rewards.molecules:mw_window")

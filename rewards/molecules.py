@@ -15,6 +15,7 @@ import math
 import os
 import sys
 
+import numpy as np
 import torch
 
 from flowcoach.rewards.diversity import duplicate_share, group_ids_of
@@ -156,6 +157,23 @@ def molecule_stability(objects: list, conditions=None) -> tuple[torch.Tensor, di
 def qed(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
     """QED in [0, 1] of the largest fragment; invalid: 0."""
     return _per_molecule(objects, lambda m: _finite(qed_of(m))), {"invalid": _invalid(objects)}
+
+
+def qed_in_group(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:
+    """A valid molecule's QED minus the mean QED of the valid molecules of its group; 0 for an invalid
+    one and in a group with fewer than two valid molecules. Gated QED (``qed``) pays mostly for being
+    valid (0 against ~0.46) and little for which valid molecule is more drug-like (QM9's QED std is
+    0.073: with 10-50 % of a group valid, 95-97 % of the gated term's variance is validity), so under it
+    RL learns validity, not QED; this term carries only the second signal."""
+    values = qed(objects, conditions)[0].numpy()
+    valid = np.array([m.connected for m in objects], dtype=bool)
+    groups = group_ids_of(conditions, len(objects))
+    scores = np.zeros(len(objects), dtype=np.float32)
+    for g in np.unique(groups):
+        members = np.nonzero((groups == g) & valid)[0]
+        if len(members) >= 2:
+            scores[members] = values[members] - values[members].mean()
+    return torch.from_numpy(scores), {"invalid": _invalid(objects)}
 
 
 def sa(objects: list, conditions=None) -> tuple[torch.Tensor, dict]:

@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("rdkit")
 
 from rdkit import Chem  # noqa: E402
+from rdkit.Chem import QED  # noqa: E402
 
 from flowcoach.core.domain import check_domain  # noqa: E402
 from flowcoach.core.registry import REWARDS, FlowcoachError  # noqa: E402
@@ -257,6 +258,19 @@ def test_duplicate_penalty_is_per_group():
     scores, info = REWARDS.get("mol-duplicate")(objects, cond)
     torch.testing.assert_close(scores, torch.tensor([-1 / 3, -1 / 3, 0, 0, -1 / 3, -1 / 3, 0, 0]))
     assert info["duplicates"] == 4 and info["invalid"] == 2
+
+
+def test_qed_in_group_is_qed_against_the_valid_members_of_its_group():
+    drugs = ["CC(=O)Oc1ccccc1C(=O)O", "CC(=O)Nc1ccc(O)cc1", "CCO"]  # aspirin, paracetamol, ethanol
+    objects = [smiles_mol(s) for s in drugs] + [invalid_molecule()] + [smiles_mol("CCN"), invalid_molecule()] * 2
+    cond = torch.tensor([[9.0, 3.0]] * 4 + [[8.0, 3.0]] * 2 + [[7.0, 3.0]] * 2)  # groups of 4, 2, 2
+    scores, info = REWARDS.get("mol-qed-in-group")(objects, cond)
+    q = [QED.qed(Chem.MolFromSmiles(s)) for s in drugs]
+    mean = sum(q) / 3
+    # the first group: QED minus its three valid members' mean, the invalid one 0; the others hold
+    # one valid molecule each, so nothing to compare: 0
+    torch.testing.assert_close(scores, torch.tensor([q[0] - mean, q[1] - mean, q[2] - mean, 0, 0, 0, 0, 0]))
+    assert info["invalid"] == 3
 
 
 def test_composite_default_reward_prefers_a_stable_drug_like_molecule(domain):
