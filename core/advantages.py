@@ -219,7 +219,9 @@ def element_advantages(
     row because elements of different kinds differ in reward whatever the sample does (a molecule's
     hydrogens are nearly always stable, its carbons often not): a pooled baseline credits the kind,
     not the action. Returns (advantages, credited mask [B, E], samples whose group has an element
-    signal [B], info); uncredited elements get advantage 0.
+    signal [B], info). An uncredited element takes the sample's own advantage, as in the per-sample
+    loss: it has no reward of its own, but its share of the step (a crystal's lattice row, a molecule's
+    padding rows) is still the sample's action.
     """
     r = element_rewards.float().cpu()
     credited = torch.isfinite(r)
@@ -239,7 +241,8 @@ def element_advantages(
     else:
         raise FlowcoachError(f"std_scope must be 'group' or 'global', got '{std_scope}'")
     z = torch.where(signal[:, None], centred / (scale[:, None] + eps), torch.zeros_like(r))
-    adv = torch.where(credited, sample_adv.float().cpu()[:, None] + weight * z, torch.zeros_like(r))
+    own = sample_adv.float().cpu()[:, None].expand_as(r)
+    adv = torch.where(credited, own + weight * z, own)
     if clip > 0:
         adv = adv.clamp(-clip, clip)
     moved = credited & (centred != 0)

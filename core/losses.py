@@ -48,7 +48,6 @@ def element_credit_loss(
     shares: torch.Tensor,
     log_ratio: torch.Tensor,
     advantages: torch.Tensor,
-    credited: torch.Tensor,
     clip_low: float,
     clip_high: float,
 ) -> tuple[torch.Tensor, dict]:
@@ -58,19 +57,25 @@ def element_credit_loss(
     The step was sampled jointly, so its importance weight is the joint ratio r: the gradient is
     -r sum_e A_e grad(share_e), which is the per-sample PPO gradient when every A_e = A. An element's
     term is dropped where r is past the clip in its advantage's direction (PPO's pessimistic bound).
-    The value is the per-sample clipped loss averaged over the credited elements (for logging).
+    The value is the per-sample clipped loss averaged over the elements (for logging).
     """
     ratio = torch.exp(log_ratio)[:, None]
     past = ((advantages > 0) & (ratio > 1.0 + clip_high)) | ((advantages < 0) & (ratio < 1.0 - clip_low))
-    live = credited & ~past
     r = ratio.detach()
-    grad_part = (-advantages * r * (shares - shares.detach()) * live).sum(dim=1)
-    value = torch.maximum(-advantages * r, -advantages * r.clamp(1.0 - clip_low, 1.0 + clip_high))
-    value = (value * credited).sum(dim=1) / credited.sum(dim=1).clamp(min=1)
+    grad_part = (-advantages * r * (shares - shares.detach()) * ~past).sum(dim=1)
+    value = torch.maximum(-advantages * r, -advantages * r.clamp(1.0 - clip_low, 1.0 + clip_high)).mean(dim=1)
     with torch.no_grad():
         approx_kl = (ratio.squeeze(1) - 1.0) - log_ratio
-    return grad_part + value.detach(), {"ratio": ratio.squeeze(1).detach(), "clipped": past[credited].float(),
+    return grad_part + value.detach(), {"ratio": ratio.squeeze(1).detach(), "clipped": past.flatten().float(),
                                         "approx_kl": approx_kl}
+
+
+def with_rest_of_step(shares: torch.Tensor, log_prob: torch.Tensor, element_adv: torch.Tensor,
+                      sample_adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Element shares [N, E] of some columns of each row, plus the rest of the step's log-prob [N] as
+    one more share trained with the sample's own advantage [N]: (shares [N, E+1], advantages [N, E+1])."""
+    rest = log_prob - shares.sum(dim=1)
+    return torch.cat([shares, rest[:, None]], dim=1), torch.cat([element_adv, sample_adv[:, None]], dim=1)
 
 
 def kl_to_reference(

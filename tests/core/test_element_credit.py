@@ -9,6 +9,7 @@ import torch
 
 from flowcoach.core.advantages import element_advantages
 from flowcoach.core.checkpoint import load_base
+from flowcoach.core.losses import element_credit_loss, with_rest_of_step
 from flowcoach.core.domain import Domain
 from flowcoach.core.policy import FlowPolicy
 from flowcoach.core.registry import FlowcoachError
@@ -55,7 +56,8 @@ def test_element_advantages_by_hand(std_scope):
                                                   torch.tensor([0, 0, 1, 1]), weight=2.0, std_scope=std_scope,
                                                   eps=0.0)
     z = 0.5 / math.sqrt(0.5 / (4 if std_scope == "group" else 10))
-    expected = torch.tensor([[0.3 + 2 * z, 0.3, 0.0], [-0.3 - 2 * z, -0.3, 0.0], [0.2] * 3, [-0.2] * 3])
+    # the third element of group 0 earns no credit (NaN): it keeps its sample's own advantage
+    expected = torch.tensor([[0.3 + 2 * z, 0.3, 0.3], [-0.3 - 2 * z, -0.3, -0.3], [0.2] * 3, [-0.2] * 3])
     assert torch.allclose(adv, expected, atol=1e-5)
     assert credited.tolist() == [[True, True, False], [True, True, False]] + [[True] * 3] * 2
     assert signal.tolist() == [True, True, False, False]
@@ -92,7 +94,7 @@ def test_on_policy_element_loss_gradient_is_the_factorised_policy_gradient(tmp_p
     B = rollout.batch_size
     element_adv = torch.randn(B, 2, generator=torch.Generator().manual_seed(2))
     old = recompute_log_probs(policy, rollout, [pairs], 1000, "cpu")
-    credit = ElementCredit(element_adv, torch.ones(B, 2, dtype=torch.bool))
+    credit = ElementCredit(element_adv)
     loss, info = pair_losses(policy, rollout, pairs, torch.zeros(B), cfg, old, elements=credit)
     assert torch.equal(info["ratio"], torch.ones_like(info["ratio"]))
     got = grads(policy, loss.sum())
@@ -112,7 +114,7 @@ def test_with_one_advantage_per_sample_the_element_loss_is_the_per_sample_ppo_lo
     shift = torch.tensor([-3.0, -0.5, 0.5, 3.0]).repeat(len(pairs) // 4 + 1)[:len(pairs)] * clip
     old[pairs[:, 0], pairs[:, 1]] += shift
     adv = torch.randn(B, generator=torch.Generator().manual_seed(3))
-    credit = ElementCredit(adv[:, None].expand(B, 2), torch.ones(B, 2, dtype=torch.bool))
+    credit = ElementCredit(adv[:, None].expand(B, 2))
     element_loss, info = pair_losses(policy, rollout, pairs, adv, cfg, old, elements=credit)
     got = grads(policy, element_loss.sum())
     joint_loss, joint_info = pair_losses(policy, rollout, pairs, adv, cfg, old)
@@ -120,6 +122,28 @@ def test_with_one_advantage_per_sample_the_element_loss_is_the_per_sample_ppo_lo
     assert torch.allclose(element_loss, joint_loss, atol=1e-6)
     assert 0 < joint_info["clipped"].mean() < 1
     assert torch.equal(info["clipped"].reshape(-1, 2)[:, 0], joint_info["clipped"])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_element_credit_on_some_columns_moves_those_and_trains_the_rest_on_the_sample(reduction):
+    """At ratio 1 the gradient (here with respect to the transition means) is
+    -sum_e A_e grad log N(x[e, columns]) - A grad log N(every other coordinate), each log N computed
+    here with torch.distributions."""
+    g = torch.Generator().manual_seed(4)
+    x_next, mean = torch.randn(6, 3, 4, generator=g), torch.randn(6, 3, 4, generator=g).requires_grad_()
+    std = torch.rand(6, generator=g) + 0.2
+    element_adv, sample_adv, columns = torch.randn(6, 3, generator=g), torch.randn(6, generator=g), (1, 3)
+    shares = gaussian_log_prob_elements(x_next, mean, std, reduction, columns)
+    joint = gaussian_log_prob(x_next, mean, std, reduction)
+    shares, adv = with_rest_of_step(shares, joint, element_adv, sample_adv)
+    assert torch.allclose(shares.sum(dim=1), joint, atol=1e-5)
+    loss, _ = element_credit_loss(shares, torch.zeros(6), adv, 0.2, 0.2)
+    got = torch.autograd.grad(loss.sum(), mean)[0]
+    log_n = torch.distributions.Normal(mean, std[:, None, None]).log_prob(x_next) / (12 if reduction == "mean" else 1)
+    inside = torch.zeros(3, 4, dtype=torch.bool)
+    inside[:, list(columns)] = True
+    truth = -((element_adv[:, :, None] * log_n * inside).sum() + (sample_adv[:, None, None] * log_n * ~inside).sum())
+    assert torch.allclose(got, torch.autograd.grad(truth, mean)[0], atol=1e-6)
 
 
 def test_a_run_with_element_credit_trains_and_reports_it(tmp_path):
@@ -163,7 +187,7 @@ def test_an_element_is_dropped_only_where_the_step_s_ratio_is_past_the_clip_its_
     old = recompute_log_probs(policy, rollout, [pairs], 1000, "cpu")
     old[pairs[:, 0], pairs[:, 1]] -= 3 * clip  # every ratio is now exp(3 clip) > 1 + clip
     adv = torch.tensor([[1.0, -1.0]]).expand(B, 2)
-    credit = ElementCredit(adv, torch.ones(B, 2, dtype=torch.bool))
+    credit = ElementCredit(adv)
     loss, info = pair_losses(policy, rollout, pairs, torch.zeros(B), cfg, old, elements=credit)
     assert info["clipped"].reshape(-1, 2)[:, 0].all() and not info["clipped"].reshape(-1, 2)[:, 1].any()
     got = grads(policy, loss.sum())
