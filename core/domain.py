@@ -36,9 +36,6 @@ class Domain(ABC):
     """Whether row e of the sample is the same element in every sample of a condition (a crystal's
     given composition, a signal's channels). False for a set generated in any order (a molecule's
     atoms): per-element credit then needs a group that shares its initial noise."""
-    element_columns: tuple[int, ...] | None = None
-    """The feature columns of a row that its element reward credits (a crystal atom's element bits,
-    when the reward judges the element); None: the whole row. The rest trains on the sample's advantage."""
 
     @property
     @abstractmethod

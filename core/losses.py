@@ -70,14 +70,6 @@ def element_credit_loss(
                                         "approx_kl": approx_kl}
 
 
-def with_rest_of_step(shares: torch.Tensor, log_prob: torch.Tensor, element_adv: torch.Tensor,
-                      sample_adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Element shares [N, E] of some columns of each row, plus the rest of the step's log-prob [N] as
-    one more share trained with the sample's own advantage [N]: (shares [N, E+1], advantages [N, E+1])."""
-    rest = log_prob - shares.sum(dim=1)
-    return torch.cat([shares, rest[:, None]], dim=1), torch.cat([element_adv, sample_adv[:, None]], dim=1)
-
-
 def kl_to_reference(
     mean: torch.Tensor,
     ref_mean: torch.Tensor,

@@ -25,8 +25,7 @@ from flowcoach.core.checkpoint import (clean_stale, list_checkpoints, load_base,
 from flowcoach.core.config import TrainConfig, load_yaml, save_yaml
 from flowcoach.core.domain import Domain, get_domain, structure_loss_of
 from flowcoach.core.losses import (clipped_ratio_loss, element_credit_loss, flow_times, fm_log_likelihood,
-                                   kl_to_reference, nft_loss, nft_optimality, ratio_norm_log_ratio, velocity_kl,
-                                   with_rest_of_step)
+                                   kl_to_reference, nft_loss, nft_optimality, ratio_norm_log_ratio, velocity_kl)
 from flowcoach.core.policy import FlowPolicy, ForwardCounter, unwrap
 from flowcoach.core.registry import ADVANTAGES, ALGORITHMS, NOISE_LAWS, FlowcoachError, normalize_name
 from flowcoach.core.sampling.laws import gaussian_log_prob_elements, law_mean_std
@@ -292,11 +291,8 @@ def forward_log_probs(velocity, rollout: Rollout, pairs: torch.Tensor, cfg: Trai
 
 
 class ElementCredit(NamedTuple):
-    """Per-element credit of one RL step (``--loss.element-weight``): advantages [B, E], and the
-    feature columns of a row they move (``Domain.element_columns``; None: the whole row; the rest of
-    the sample then trains with the sample's own advantage)."""
+    """Per-element credit of one RL step (``--loss.element-weight``): advantages [B, E]."""
     advantages: torch.Tensor
-    columns: tuple[int, ...] | None = None
 
 
 def pair_losses(policy: FlowPolicy, rollout: Rollout, pairs: torch.Tensor, advantages: torch.Tensor,
@@ -316,11 +312,9 @@ def pair_losses(policy: FlowPolicy, rollout: Rollout, pairs: torch.Tensor, advan
     clip_low, clip_high = cfg.resolved_clip()
     old = (rollout.log_probs if old_log_probs is None else old_log_probs)[i, j]
     if elements is not None:
-        shares = gaussian_log_prob_elements(rollout.states[i, j + 1], mean, std, rollout.reduction, elements.columns)
-        adv = elements.advantages[i.cpu()].to(shares.device)
-        if elements.columns is not None:
-            shares, adv = with_rest_of_step(shares, log_prob, adv, pair_advantages(advantages, pairs).to(adv.device))
-        loss, info = element_credit_loss(shares, log_prob - old, adv, clip_low, clip_high)
+        shares = gaussian_log_prob_elements(rollout.states[i, j + 1], mean, std, rollout.reduction)
+        loss, info = element_credit_loss(shares, log_prob - old, elements.advantages[i.cpu()].to(shares.device),
+                                         clip_low, clip_high)
     else:
         adv = pair_advantages(advantages, pairs).to(log_prob.device)
         log_ratio = None
@@ -791,7 +785,7 @@ def rl_step(policy, optimizer, accelerator, domain, cfg: TrainConfig, plan: Batc
         element_adv, _, signal, element_info = element_advantages(
             advantages, element_rewards, rollout.group_ids, cfg.loss.element_weight, cfg.loss.std_scope,
             cfg.loss.adv_clip)
-        elements = ElementCredit(element_adv, domain.element_columns)
+        elements = ElementCredit(element_adv)
         keep = keep | signal  # a group with equal rewards may still differ atom by atom
         metrics.update(element_info)
     t_adv = time.perf_counter()

@@ -14,7 +14,7 @@ in domains/crystals/shipped so these rows are remade from the same crystals.
 """
 
 from flowcoach.domains.crystals import CrystalsDNGDomain, CrystalsDomain, CrystalsVelocityDomain
-from flowcoach.domains.crystals.data import BITS, GenConfig
+from flowcoach.domains.crystals.data import GenConfig
 
 MORE = GenConfig(extra_compositions=1053)
 WIDE = {"width": 96, "depth": 5, "distance_rbf": 16}  # the domain's default model before 2026-12-03
@@ -54,13 +54,3 @@ GeodesicX0AttentionDeepWide = CrystalsDomain(width=96)
 # of the first kind's (base-dng); the geodesic coupling reads the elements from the data's type bits.
 # The model of CrystalsDNGDomain() since (base-dng-wide), whose RL recipe the rows ran with flags
 DNGWide = CrystalsDNGDomain(coupling="geodesic", predict="x0", heads=4, depth=6, width=96)
-
-
-# 2026-12-08: per-atom credit on an atom's element bits alone (its coordinates and the lattice train on the
-# sample's advantage): per-atom credit on the whole row lowered the stable rate (README, "Per-atom credit in
-# de novo generation")
-class _DNGElementBits(CrystalsDNGDomain):
-    element_columns = tuple(range(3, 3 + BITS))
-
-
-DNGElementBits = _DNGElementBits()

@@ -115,18 +115,12 @@ def gaussian_log_prob(x_next, mean, std, reduction: str = "mean") -> torch.Tenso
     return reduce_dims(gaussian_log_density(x_next, mean, std), reduction)
 
 
-def gaussian_log_prob_elements(x_next, mean, std, reduction: str = "mean",
-                               columns: tuple[int, ...] | None = None) -> torch.Tensor:
+def gaussian_log_prob_elements(x_next, mean, std, reduction: str = "mean") -> torch.Tensor:
     """Each element's share [B, E] of ``gaussian_log_prob``, elements being the first sample axis
     (a molecule's atoms): the Gaussian factorises over them, so the shares sum to the joint log-prob
-    under either reduction (mean: each share is its dimensions' sum over all the sample's dimensions).
-    ``columns``: only these features of each row (a crystal atom's element bits), so the shares sum
-    to that part of the joint."""
+    under either reduction (mean: each share is its dimensions' sum over all the sample's dimensions)."""
     per_dim = gaussian_log_density(x_next, mean, std)
-    per_dim_rows = per_dim.reshape(per_dim.shape[0], per_dim.shape[1], -1)
-    if columns is not None:
-        per_dim_rows = per_dim_rows[:, :, list(columns)]
-    shares = per_dim_rows.sum(dim=2)
+    shares = per_dim.reshape(per_dim.shape[0], per_dim.shape[1], -1).sum(dim=2)
     if reduction == "mean":
         return shares / per_dim[0].numel()
     if reduction == "sum":

@@ -9,7 +9,6 @@ import torch
 
 from flowcoach.core.advantages import element_advantages
 from flowcoach.core.checkpoint import load_base
-from flowcoach.core.losses import element_credit_loss, with_rest_of_step
 from flowcoach.core.domain import Domain
 from flowcoach.core.policy import FlowPolicy
 from flowcoach.core.registry import FlowcoachError
@@ -122,28 +121,6 @@ def test_with_one_advantage_per_sample_the_element_loss_is_the_per_sample_ppo_lo
     assert torch.allclose(element_loss, joint_loss, atol=1e-6)
     assert 0 < joint_info["clipped"].mean() < 1
     assert torch.equal(info["clipped"].reshape(-1, 2)[:, 0], joint_info["clipped"])
-
-
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_element_credit_on_some_columns_moves_those_and_trains_the_rest_on_the_sample(reduction):
-    """At ratio 1 the gradient (here with respect to the transition means) is
-    -sum_e A_e grad log N(x[e, columns]) - A grad log N(every other coordinate), each log N computed
-    here with torch.distributions."""
-    g = torch.Generator().manual_seed(4)
-    x_next, mean = torch.randn(6, 3, 4, generator=g), torch.randn(6, 3, 4, generator=g).requires_grad_()
-    std = torch.rand(6, generator=g) + 0.2
-    element_adv, sample_adv, columns = torch.randn(6, 3, generator=g), torch.randn(6, generator=g), (1, 3)
-    shares = gaussian_log_prob_elements(x_next, mean, std, reduction, columns)
-    joint = gaussian_log_prob(x_next, mean, std, reduction)
-    shares, adv = with_rest_of_step(shares, joint, element_adv, sample_adv)
-    assert torch.allclose(shares.sum(dim=1), joint, atol=1e-5)
-    loss, _ = element_credit_loss(shares, torch.zeros(6), adv, 0.2, 0.2)
-    got = torch.autograd.grad(loss.sum(), mean)[0]
-    log_n = torch.distributions.Normal(mean, std[:, None, None]).log_prob(x_next) / (12 if reduction == "mean" else 1)
-    inside = torch.zeros(3, 4, dtype=torch.bool)
-    inside[:, list(columns)] = True
-    truth = -((element_adv[:, :, None] * log_n * inside).sum() + (sample_adv[:, None, None] * log_n * ~inside).sum())
-    assert torch.allclose(got, torch.autograd.grad(truth, mean)[0], atol=1e-6)
 
 
 def test_a_run_with_element_credit_trains_and_reports_it(tmp_path):
